@@ -1,0 +1,107 @@
+"""Immutable option sets. Derive variants with ``dataclasses.replace`` (validated again)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from .errors import ConfigError
+
+OnExists = Literal["rename", "skip", "overwrite", "error"]
+ON_EXISTS: tuple[str, ...] = ("rename", "skip", "overwrite", "error")
+
+
+@dataclass(frozen=True, slots=True)
+class FetchConfig:
+    """Everything that shapes one download run. Every field is documented in place."""
+
+    threads: int = 8
+    """Worker threads; each owns one HTTP connection pool."""
+    retries: int = 5
+    """Extra attempts per file after the first (whole-file retries, not just connects)."""
+    timeout: float = 30.0
+    """Connect timeout and read timeout (silence between bytes), seconds."""
+    on_exists: OnExists = "rename"
+    """What to do with a file already at the target that the manifest does not own."""
+    force: bool = False
+    """Download again even what the manifest records as complete."""
+    content_disposition: bool = False
+    """Take the file name from the Content-Disposition header (sanitised)."""
+    per_host: int | None = None
+    """Max concurrent connections to one host; None means ``threads``."""
+    rate: float | None = None
+    """Max requests per second per host; None is unlimited."""
+    split: int = 1
+    """Segments per large file (Range requests over several connections)."""
+    split_min_size: int = 16 * 1024 * 1024
+    """Files smaller than this are never split."""
+    expect_type: str | None = None
+    """Required Content-Type pattern, e.g. ``image/*``; a mismatch fails the item."""
+    max_redirects: int = 10
+    """Redirect hops followed before giving up."""
+    headers: Mapping[str, str] = field(default_factory=dict)
+    """Extra request headers sent with every request."""
+    auth: tuple[str, str] | None = None
+    """HTTP basic auth (user, password); never sent to another host after a redirect."""
+    proxies: Mapping[str, str] | None = None
+    """Proxy URLs by scheme, as requests takes them: {"http": ..., "https": ...}."""
+    verify: bool | str = True
+    """TLS verification: True, False, or a CA bundle path."""
+    cert: str | tuple[str, str] | None = None
+    """Client certificate file, or (cert, key)."""
+    chunk_size: int = 256 * 1024
+    """Bytes read per call while streaming a body."""
+    backoff_base: float = 0.5
+    """First retry delay, seconds; doubles each attempt, with full jitter."""
+    backoff_max: float = 30.0
+    """Cap for one backoff delay and for an honoured Retry-After."""
+    window: int | None = None
+    """Jobs in flight at most (submitted, not finished); None means ``4 * threads``."""
+    manifest: Path | None = None
+    """Manifest path; None means ``DEST/.fetcher/manifest.jsonl``."""
+    keep_results: bool = True
+    """Keep every Result in the Report (set False for huge lists; failures are always kept)."""
+    user_agent: str = "fetcher/0.1"
+    """User-Agent header value."""
+
+    def __post_init__(self) -> None:
+        def bad(name: str, why: str) -> ConfigError:
+            return ConfigError(f"invalid {name}={getattr(self, name)!r}: {why}")
+
+        if self.threads < 1:
+            raise bad("threads", "must be at least 1")
+        if self.retries < 0:
+            raise bad("retries", "must be 0 or more")
+        if not self.timeout > 0:
+            raise bad("timeout", "must be positive seconds")
+        if self.on_exists not in ON_EXISTS:
+            raise bad("on_exists", f"choose one of {', '.join(ON_EXISTS)}")
+        if self.per_host is not None and self.per_host < 1:
+            raise bad("per_host", "must be at least 1")
+        if self.rate is not None and not self.rate > 0:
+            raise bad("rate", "must be a positive number of requests per second")
+        if self.split < 1:
+            raise bad("split", "must be at least 1")
+        if self.max_redirects < 0:
+            raise bad("max_redirects", "must be 0 or more")
+        if self.chunk_size < 1024:
+            raise bad("chunk_size", "must be at least 1024 bytes")
+        if self.window is not None and self.window < 1:
+            raise bad("window", "must be at least 1")
+
+    @property
+    def host_limit(self) -> int:
+        """Effective per-host connection cap."""
+        return self.per_host if self.per_host is not None else self.threads
+
+    @property
+    def in_flight(self) -> int:
+        """Effective bound on submitted-but-unfinished jobs."""
+        return self.window if self.window is not None else 4 * self.threads
+
+    def replace(self, **changes: Any) -> FetchConfig:
+        """A copy with ``changes`` applied (and validated)."""
+        return dataclasses.replace(self, **changes)

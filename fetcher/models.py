@@ -1,0 +1,133 @@
+"""Job (what to fetch), Result (what happened) and Report (the whole run)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from .errors import BatchFailedError
+
+Status = Literal["ok", "skipped", "failed"]
+
+MANIFEST_FIELDS: tuple[str, ...] = (
+    "url", "path", "status", "bytes", "sha256", "http_status", "attempts",
+    "elapsed_s", "error_type", "error", "outputs",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """One entry of a URL list."""
+
+    url: str
+    path: str | None = None
+    """Output path relative to DEST, as the list gave it (validated later by naming)."""
+    sha256: str | None = None
+    """Expected lowercase hex digest, if the list gave one."""
+    extra: Mapping[str, Any] = field(default_factory=dict)
+    """Other columns of the list, carried through to the manifest."""
+    source: str = "<list>"
+    line: int | None = None
+
+
+@dataclass(slots=True)
+class Result:
+    """The outcome of one Job: one manifest line."""
+
+    url: str
+    path: str | None
+    status: Status
+    bytes: int = 0
+    sha256: str | None = None
+    http_status: int | None = None
+    attempts: int = 0
+    elapsed_s: float = 0.0
+    error_type: str | None = None
+    error: str | None = None
+    outputs: list[str] = field(default_factory=list)
+    extra: Mapping[str, Any] = field(default_factory=dict)
+    exception: BaseException | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def ok(self) -> bool:
+        """True when the item is usable: downloaded or already complete."""
+        return self.status != "failed"
+
+    def record(self) -> dict[str, Any]:
+        """The manifest record: the fixed fields, then carried columns."""
+        rec: dict[str, Any] = {
+            "url": self.url, "path": self.path, "status": self.status, "bytes": self.bytes,
+            "sha256": self.sha256, "http_status": self.http_status, "attempts": self.attempts,
+            "elapsed_s": round(self.elapsed_s, 4), "error_type": self.error_type,
+            "error": self.error, "outputs": list(self.outputs),
+        }
+        for k, v in self.extra.items():
+            rec.setdefault(k, v)
+        return rec
+
+    def fail(self, exc: BaseException) -> Result:
+        """Mark this result failed with ``exc`` (in place) and return it."""
+        self.status = "failed"
+        self.error_type = type(exc).__name__
+        self.error = str(exc)
+        self.exception = exc
+        return self
+
+
+@dataclass(slots=True)
+class Report:
+    """What a batch produced. Failures are collected here, not raised."""
+
+    results: list[Result] = field(default_factory=list)
+    failures: list[Result] = field(default_factory=list)
+    counts: dict[str, int] = field(default_factory=lambda: {"ok": 0, "skipped": 0, "failed": 0})
+    bytes: int = 0
+    elapsed_s: float = 0.0
+    interrupted: bool = False
+    manifest: str | None = None
+
+    def add(self, result: Result, *, keep: bool = True) -> None:
+        """Count ``result``; keep it in ``results`` when ``keep`` (failures always kept)."""
+        self.counts[result.status] += 1
+        self.bytes += result.bytes if result.status == "ok" else 0
+        if keep:
+            self.results.append(result)
+        if result.status == "failed":
+            self.failures.append(result)
+
+    @property
+    def ok(self) -> bool:
+        """True when no item failed and the run was not interrupted."""
+        return not self.failures and not self.interrupted
+
+    @property
+    def total(self) -> int:
+        """Items seen."""
+        return sum(self.counts.values())
+
+    def records(self) -> list[dict[str, Any]]:
+        """The kept results as manifest dicts, ready for ``pandas.DataFrame``."""
+        return [r.record() for r in self.results]
+
+    def summary(self) -> dict[str, Any]:
+        """Counts, bytes, time and throughput as a JSON-ready dict."""
+        secs = self.elapsed_s
+        return {
+            "ok": self.counts["ok"], "skipped": self.counts["skipped"],
+            "failed": self.counts["failed"], "total": self.total, "bytes": self.bytes,
+            "elapsed_s": round(secs, 3),
+            "bytes_per_s": round(self.bytes / secs, 1) if secs > 0 else None,
+            "files_per_s": round(self.counts["ok"] / secs, 1) if secs > 0 else None,
+            "interrupted": self.interrupted, "manifest": self.manifest,
+        }
+
+    def raise_for_failures(self) -> None:
+        """Raise BatchFailedError naming the failed URLs, if any item failed."""
+        if self.failures:
+            head = "; ".join(f"{r.url}: {r.error}" for r in self.failures[:5])
+            more = f" (and {len(self.failures) - 5} more)" if len(self.failures) > 5 else ""
+            raise BatchFailedError(
+                f"{len(self.failures)} of {self.total} items failed: {head}{more}",
+                failures=list(self.failures),
+            )

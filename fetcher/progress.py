@@ -1,0 +1,110 @@
+"""Progress reporting. The library only ever talks to a ``Progress``; the CLI picks one.
+
+``NullProgress`` is the library default (silent). ``TqdmProgress`` draws one bar on
+stderr. Calls may come from any thread; implementations must be thread-safe.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from typing import IO, Any, Protocol, runtime_checkable
+
+
+@runtime_checkable
+class Progress(Protocol):
+    """Receives progress events from a run."""
+
+    def start(self, total: int | None, *, unit: str = "file", desc: str = "") -> None:
+        """A run begins; ``total`` is None when the input has no known length."""
+
+    def set_total(self, total: int) -> None:
+        """The total became known (a streamed list reached its end)."""
+
+    def update(self, n: int = 1, *, nbytes: int = 0) -> None:
+        """``n`` items finished, carrying ``nbytes`` bytes."""
+
+    def close(self) -> None:
+        """The run ended."""
+
+
+class NullProgress:
+    """Discards every event (the library default)."""
+
+    def start(self, total: int | None, *, unit: str = "file", desc: str = "") -> None:
+        pass
+
+    def set_total(self, total: int) -> None:
+        pass
+
+    def update(self, n: int = 1, *, nbytes: int = 0) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class TqdmProgress:
+    """One tqdm bar: items done/total, bytes and byte rate in the postfix, ETA.
+
+    Redraws are rate-limited by tqdm (``mininterval``), so updates stay cheap even at
+    thousands of items per second.
+    """
+
+    def __init__(self, *, file: IO[str] | None = None, disable: bool | None = None,
+                 mininterval: float = 0.2) -> None:
+        self._file = file if file is not None else sys.stderr
+        if disable is None:
+            disable = not _isatty(self._file)
+        self._disable = disable
+        self._mininterval = mininterval
+        self._bar: Any = None
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def start(self, total: int | None, *, unit: str = "file", desc: str = "") -> None:
+        from tqdm import tqdm
+
+        self._bar = tqdm(total=total, unit=unit, desc=desc or None, file=self._file,
+                         disable=self._disable, mininterval=self._mininterval,
+                         dynamic_ncols=True, leave=True)
+
+    def set_total(self, total: int) -> None:
+        with self._lock:
+            if self._bar is not None:
+                self._bar.total = total
+                self._bar.refresh()
+
+    def update(self, n: int = 1, *, nbytes: int = 0) -> None:
+        with self._lock:
+            if self._bar is None:
+                return
+            if nbytes:
+                self._bytes += nbytes
+                rate = self._bar.format_dict.get("elapsed") or 0.0
+                speed = self._bytes / rate if rate > 0 else 0.0
+                self._bar.set_postfix_str(f"{human_bytes(self._bytes)} {human_bytes(speed)}/s",
+                                          refresh=False)
+            self._bar.update(n)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._bar is not None:
+                self._bar.close()
+                self._bar = None
+
+
+def _isatty(f: IO[str]) -> bool:
+    try:
+        return f.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def human_bytes(n: float) -> str:
+    """1536 -> '1.5 KiB'."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"  # pragma: no cover
