@@ -14,6 +14,7 @@
     │   ├── ContentTypeError          body type not what --expect-type asked
     │   ├── UnsafePathError           a name that would escape DIR (.path)
     │   ├── StorageError              the disk refused (full, read-only)
+    │   ├── TargetExistsError         a foreign file is at the target (--on-exists error)
     │   ├── ProcessingError           a --post transform failed (.transform)
     │   └── CancelledError            the run was interrupted before the item ended
     ├── BatchFailedError              Report.raise_for_failures() (.failures)
@@ -129,6 +130,14 @@ class UnsafePathError(ItemError):
 
 class StorageError(ItemError):
     """Writing to disk failed (disk full, read-only, permission)."""
+
+    def __init__(self, message: str, *, url: str = "", disk_full: bool = False) -> None:
+        super().__init__(message, url=url)
+        self.disk_full = disk_full
+
+
+class TargetExistsError(ItemError):
+    """A file the manifest does not own is already at the target and ``on_exists='error'``."""
 
 
 class ProcessingError(ItemError):

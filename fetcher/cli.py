@@ -1,0 +1,209 @@
+"""The ``fetcher`` command. Thin: parse, build config, call the library, render, exit.
+
+Exit codes: 0 every item ok or skipped; 1 some item failed; 2 bad usage or bad input
+(nothing downloaded); 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
+
+import typer
+
+if TYPE_CHECKING:
+    from .models import Report
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+app = typer.Typer(
+    name="fetcher",
+    help="Concurrent downloads, post-processing on every core, parallel writes.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _err(message: str) -> None:
+    typer.echo(message, err=True)
+
+
+def _die(message: str, code: int = EXIT_USAGE) -> NoReturn:
+    _err(f"fetcher: error: {message}")
+    raise typer.Exit(code)
+
+
+def _parse_headers(values: list[str]) -> dict[str, str]:
+    headers: dict[str, str] = {}
+    for value in values:
+        name, sep, content = value.partition(":")
+        if not sep or not name.strip():
+            _die(f"--header {value!r}: expected 'Name: value'")
+        headers[name.strip()] = content.strip()
+    return headers
+
+
+class _Interrupts:
+    """First Ctrl-C: stop scheduling and wind down. Second: exit at once."""
+
+    def __init__(self, cancel: threading.Event) -> None:
+        self.cancel = cancel
+        self._previous: Any = None
+
+    def __enter__(self) -> _Interrupts:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.cancel.is_set():
+            os._exit(EXIT_INTERRUPTED)
+        self.cancel.set()
+        _err("\nfetcher: interrupted; finishing the manifest (Ctrl-C again to quit now)")
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def _render(report: Report, *, as_json: bool, quiet: bool, what: str = "files") -> int:
+    from .progress import human_bytes
+
+    summary = report.summary()
+    if as_json:
+        typer.echo(json.dumps(summary))
+    for shown, failure in enumerate(report.failures):
+        if shown == 20:
+            _err(f"  ... {len(report.failures) - 20} more failures in {report.manifest}")
+            break
+        _err(f"  FAILED {failure.url}: {failure.error_type}: {failure.error}")
+    if not quiet or report.failures:
+        secs = summary["elapsed_s"]
+        rate = human_bytes(report.bytes / secs) + "/s" if secs else "-"
+        _err(f"{summary['ok']} ok, {summary['skipped']} skipped, {summary['failed']} failed "
+             f"{what}; {human_bytes(report.bytes)} in {secs:.2f} s ({rate})"
+             + (f"; manifest {report.manifest}" if report.manifest else ""))
+    if report.interrupted:
+        return EXIT_INTERRUPTED
+    return EXIT_OK if not report.failures else EXIT_FAILED
+
+
+@app.command()
+def get(
+    urls: Annotated[str, typer.Argument(help="URL list file (text, .csv, .tsv, .jsonl) or - for stdin.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Output directory.")] = Path("."),
+    threads: Annotated[int, typer.Option(help="Download threads.")] = 8,
+    retries: Annotated[int, typer.Option(help="Retries per file after the first attempt.")] = 5,
+    timeout: Annotated[float, typer.Option(help="Connect and read timeout, seconds.")] = 30.0,
+    manifest: Annotated[Path | None, typer.Option(help="Manifest path (default DIR/.fetcher/manifest.jsonl).")] = None,
+    on_exists: Annotated[str, typer.Option(help="A foreign file at the target: rename|skip|overwrite|error.")] = "rename",
+    force: Annotated[bool, typer.Option(help="Download again what the manifest records as complete.")] = False,
+    content_disposition: Annotated[bool, typer.Option(help="Name files from Content-Disposition (sanitised).")] = False,
+    per_host: Annotated[int | None, typer.Option(help="Max connections per host (default: --threads).")] = None,
+    rate: Annotated[float | None, typer.Option(help="Max requests per second per host.")] = None,
+    split: Annotated[int, typer.Option(help="Segments per large file (Range requests).")] = 1,
+    expect_type: Annotated[str | None, typer.Option(help="Required Content-Type, e.g. 'image/*'.")] = None,
+    header: Annotated[list[str] | None, typer.Option("-H", "--header", help="Extra header 'Name: value' (repeatable).")] = None,
+    max_redirects: Annotated[int, typer.Option(help="Redirect hops to follow.")] = 10,
+    insecure: Annotated[bool, typer.Option(help="Do not verify TLS certificates.")] = False,
+    post: Annotated[list[str] | None, typer.Option(help="Post-process: NAME[:ARGS] or package.module:function (repeatable, chained).")] = None,
+    processes: Annotated[int | None, typer.Option(help="Post-processing processes (default: CPU count).")] = None,
+    sink: Annotated[str | None, typer.Option(help="Also write every manifest record to this sink URL.")] = None,
+    quiet: Annotated[bool, typer.Option("-q", "--quiet", help="No progress bar or summary.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout.")] = False,
+) -> None:
+    """Download every URL of a list concurrently, with retries, resume and a manifest."""
+    from .config import FetchConfig
+    from .downloader import Fetcher
+    from .errors import ConfigError
+    from .progress import TqdmProgress
+
+    try:
+        config = FetchConfig(
+            threads=threads, retries=retries, timeout=timeout, manifest=manifest,
+            on_exists=on_exists,  # type: ignore[arg-type]  # validated by FetchConfig
+            force=force, content_disposition=content_disposition, per_host=per_host,
+            rate=rate, split=split, expect_type=expect_type,
+            headers=_parse_headers(header or []), max_redirects=max_redirects,
+            verify=not insecure, keep_results=False,
+        )
+        fetcher = Fetcher(config, progress=TqdmProgress(disable=True if quiet else None),
+                          post=post or (), processes=processes, sink=sink)
+        cancel = threading.Event()
+        with _Interrupts(cancel):
+            report = fetcher.run(urls, output, cancel=cancel)
+    except ConfigError as exc:
+        _die(str(exc))
+    raise typer.Exit(_render(report, as_json=as_json, quiet=quiet))
+
+
+@app.command()
+def process(
+    paths: Annotated[list[Path], typer.Argument(help="Files to process.")],
+    post: Annotated[list[str], typer.Option(help="NAME[:ARGS] or package.module:function (repeatable, chained).")],
+    processes: Annotated[int | None, typer.Option(help="Worker processes (default: CPU count).")] = None,
+    output: Annotated[Path, typer.Option("-o", "--output", help="Directory the outputs go under.")] = Path("."),
+    quiet: Annotated[bool, typer.Option("-q", "--quiet", help="No progress bar or summary.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout.")] = False,
+) -> None:
+    """Run post-processing transforms over local files on a process pool."""
+    from .errors import ConfigError
+    from .progress import TqdmProgress
+    from .transforms import process_paths
+
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        _die(f"not a file: {', '.join(missing[:5])}")
+    try:
+        report = process_paths(paths, post, dest=output, processes=processes,
+                               progress=TqdmProgress(disable=True if quiet else None))
+    except ConfigError as exc:
+        _die(str(exc))
+    raise typer.Exit(_render(report, as_json=as_json, quiet=quiet, what="files processed"))
+
+
+@app.command()
+def write(
+    input: Annotated[Path, typer.Argument(help="CSV, JSONL or Parquet file of records.")],
+    sink_url: Annotated[str, typer.Argument(help="sqlite:///x.db, postgresql://..., file:///dir?format=...")],
+    table: Annotated[str | None, typer.Option(help="Target table (default: the input's name).")] = None,
+    workers: Annotated[int, typer.Option(help="Parallel writer connections.")] = 2,
+    key: Annotated[str | None, typer.Option(help="Unique key column: replays upsert, never duplicate.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Rows per batch (default: chosen per sink).")] = None,
+    quiet: Annotated[bool, typer.Option("-q", "--quiet", help="No progress bar or summary.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout.")] = False,
+) -> None:
+    """Load records into a datastore in parallel, exactly once per batch."""
+    from .errors import ConfigError, SinkError
+    from .progress import TqdmProgress
+    from .writers import load_file
+
+    if not input.is_file():
+        _die(f"input not found: {input}")
+    try:
+        summary = load_file(input, sink_url, table=table, workers=workers, key=key,
+                            batch_size=batch_size,
+                            progress=TqdmProgress(disable=True if quiet else None))
+    except ConfigError as exc:
+        _die(str(exc))
+    except SinkError as exc:
+        _die(str(exc), EXIT_FAILED)
+    data = summary.as_dict()
+    if as_json:
+        typer.echo(json.dumps(data))
+    if not quiet:
+        _err(", ".join(f"{k} {v}" for k, v in data.items()))
+
+
+def main() -> None:
+    """Console entry point."""
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(EXIT_INTERRUPTED)

@@ -1,0 +1,361 @@
+"""One file: stream to a partial, resume, verify, publish atomically, retry the whole file.
+
+A download never appears under its final name unless complete and verified: bytes go
+to ``DEST/.fetcher/partial/<key>.part`` with a ``.json`` sidecar holding the resume
+validator (ETag, else Last-Modified). Retries wrap the whole file, because transport
+retries cannot cover a body that breaks mid-stream.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fnmatch
+import hashlib
+import json
+import os
+import random
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import FetchConfig
+from .errors import (
+    CancelledError,
+    ChecksumError,
+    ContentTypeError,
+    HTTPStatusError,
+    ItemError,
+    StorageError,
+    TransportError,
+    TruncatedError,
+)
+from .http import HttpClient, Response, host_of, raise_for_status, redact
+from .models import Result
+from .naming import safe_join
+
+PARTIAL_DIR = Path(".fetcher") / "partial"
+_READ_BUF = 1024 * 1024
+_DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
+
+
+class HostGate:
+    """Per-host politeness shared by all threads: connection cap, request rate, pauses."""
+
+    def __init__(self, *, limit: int | None, rate: float | None,
+                 cancel: threading.Event) -> None:
+        self._limit = limit
+        self._interval = 1.0 / rate if rate else 0.0
+        self._cancel = cancel
+        self._lock = threading.Lock()
+        self._sems: dict[str, threading.BoundedSemaphore] = {}
+        self._next: dict[str, float] = {}
+        self._paused: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def slot(self, host: str) -> Iterator[None]:
+        """Hold one of the host's connections for the duration of a request."""
+        sem = None
+        if self._limit is not None:
+            with self._lock:
+                sem = self._sems.get(host)
+                if sem is None:
+                    sem = self._sems[host] = threading.BoundedSemaphore(self._limit)
+            while not sem.acquire(timeout=0.2):
+                if self._cancel.is_set():
+                    raise CancelledError("cancelled while waiting for a connection slot")
+        try:
+            self._wait_turn(host)
+            yield
+        finally:
+            if sem is not None:
+                sem.release()
+
+    def _wait_turn(self, host: str) -> None:
+        if not self._interval and not self._paused:
+            return
+        with self._lock:
+            now = time.monotonic()
+            start = max(now, self._paused.get(host, 0.0), self._next.get(host, 0.0))
+            if self._interval:
+                self._next[host] = start + self._interval
+        if start > now and self._cancel.wait(start - now):
+            raise CancelledError("cancelled while waiting for the host")
+
+    def pause(self, host: str, seconds: float) -> None:
+        """Hold every thread's next request to ``host`` for ``seconds`` (Retry-After)."""
+        with self._lock:
+            until = time.monotonic() + seconds
+            self._paused[host] = max(self._paused.get(host, 0.0), until)
+
+
+@dataclass
+class RunContext:
+    """State shared by every download of one run."""
+
+    config: FetchConfig
+    dest: Path
+    gate: HostGate
+    cancel: threading.Event = field(default_factory=threading.Event)
+    stop_new: threading.Event = field(default_factory=threading.Event)
+    _active: set[Response] = field(default_factory=set)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def partial_dir(self) -> Path:
+        return self.dest / PARTIAL_DIR
+
+    def track(self, resp: Response | None, *, add: bool) -> None:
+        if resp is None:
+            return
+        with self._lock:
+            if add:
+                self._active.add(resp)
+            else:
+                self._active.discard(resp)
+
+    def abort_all(self) -> None:
+        """Break every in-flight transfer so threads notice cancellation at once."""
+        with self._lock:
+            active = list(self._active)
+        for resp in active:
+            resp.abort()
+
+
+def partial_paths(ctx: RunContext, url: str, rel: str) -> tuple[Path, Path]:
+    """Deterministic partial and sidecar paths, so a later run can resume."""
+    key = hashlib.blake2b(f"{url}\0{rel}".encode(), digest_size=12).hexdigest()
+    base = ctx.partial_dir / key
+    return base.with_suffix(".part"), base.with_suffix(".json")
+
+
+def backoff_delay(config: FetchConfig, attempt: int) -> float:
+    """Exponential backoff with full jitter, capped."""
+    cap = min(config.backoff_max, config.backoff_base * (2 ** (attempt - 1)))
+    return random.uniform(cap / 2, cap)
+
+
+class SkipExisting(Exception):
+    """Raised by a retarget hook: the server-named target exists and --on-exists is skip."""
+
+    def __init__(self, rel: str) -> None:
+        super().__init__(rel)
+        self.rel = rel
+
+
+Retarget = Callable[[str | None], str]
+"""Maps a Content-Disposition header (or None) to the relative path to publish at."""
+
+
+def download_one(ctx: RunContext, client: HttpClient, url: str, rel: str,
+                 expected_sha: str | None, retarget: Retarget | None = None) -> Result:
+    """Download ``url`` to ``DEST/rel``. Never raises for per-item failures."""
+    cfg = ctx.config
+    shown = redact(url)
+    result = Result(url=shown, path=rel, status="failed")
+    started = time.monotonic()
+    part, meta = partial_paths(ctx, url, rel)
+    mismatches = 0
+    host = host_of(url)
+    last: ItemError | None = None
+    while result.attempts <= cfg.retries:
+        if ctx.cancel.is_set():
+            last = CancelledError(f"cancelled: {shown}", url=shown)
+            break
+        result.attempts += 1
+        try:
+            size, digest, status, rel = _attempt(ctx, client, url, shown, host, part, meta,
+                                                 rel, retarget)
+            result.path = rel
+            if expected_sha and digest != expected_sha:
+                _remove(part, meta)
+                mismatches += 1
+                raise ChecksumError(url=shown, expected=expected_sha, actual=digest)
+            _publish(ctx, part, meta, rel, shown)
+            result.status, result.bytes, result.sha256 = "ok", size, digest
+            result.http_status = status
+            result.elapsed_s = time.monotonic() - started
+            return result
+        except SkipExisting as skip:
+            _remove(part, meta)
+            result.path, result.status = skip.rel, "skipped"
+            result.elapsed_s = time.monotonic() - started
+            return result
+        except ItemError as exc:
+            last = exc
+            if isinstance(exc, HTTPStatusError):
+                result.http_status = exc.status
+                if exc.retry_after is not None and exc.status in (429, 503):
+                    ctx.gate.pause(host, min(exc.retry_after, cfg.backoff_max))
+            if isinstance(exc, StorageError) and exc.disk_full:
+                ctx.stop_new.set()  # keep what is complete, start nothing new
+            retry = exc.retryable and not (isinstance(exc, ChecksumError) and mismatches >= 2)
+            if not retry or result.attempts > cfg.retries or ctx.cancel.is_set():
+                break
+            wait = backoff_delay(cfg, result.attempts)
+            if isinstance(exc, HTTPStatusError) and exc.retry_after is not None:
+                wait = min(max(wait, exc.retry_after), cfg.backoff_max)
+            if ctx.cancel.wait(wait):
+                last = CancelledError(f"cancelled: {shown}", url=shown)
+                break
+    result.elapsed_s = time.monotonic() - started
+    assert last is not None
+    return result.fail(last)
+
+
+def _attempt(ctx: RunContext, client: HttpClient, url: str, shown: str, host: str,
+             part: Path, meta: Path, rel: str,
+             retarget: Retarget | None) -> tuple[int, str, int, str]:
+    """One GET: resume if possible, stream, verify length.
+
+    Returns (size, sha256, status, relative path to publish at).
+    """
+    cfg = ctx.config
+    offset, validator = _resume_point(part, meta, url)
+    headers: dict[str, str] = {}
+    if offset:
+        headers["Range"] = f"bytes={offset}-"
+        headers["If-Range"] = validator
+    with ctx.gate.slot(host):
+        resp = client.get(url, headers)
+        ctx.track(resp, add=True)
+        try:
+            if resp.status == 416 and offset:
+                _remove(part, meta)  # our partial does not fit the resource any more
+                raise TransportError(f"range not satisfiable for {shown}; restarting", url=shown)
+            raise_for_status(resp, url=shown)
+            if cfg.expect_type:
+                _check_type(resp, cfg.expect_type, shown)
+            total = resp.content_length
+            if resp.status == 206 and offset:
+                start, total = _content_range(resp)
+                if start != offset:
+                    _remove(part, meta)
+                    raise TransportError(
+                        f"{shown}: server resumed at byte {start}, expected {offset}", url=shown)
+            elif resp.status == 206:
+                raise TransportError(f"{shown}: unexpected 206 without a Range", url=shown)
+            else:
+                offset = 0  # 200: server ignored Range or the resource changed
+            if resp.status not in (200, 206):
+                raise TransportError(f"{shown}: unexpected HTTP {resp.status}", url=shown)
+            if retarget is not None:
+                rel = retarget(resp.headers.get("Content-Disposition"))
+            _write_meta(meta, url, resp, total)
+            size, digest = _stream(ctx, resp, part, offset, shown)
+        finally:
+            ctx.track(resp, add=False)
+            resp.release()
+    if total is not None and size != total:
+        raise TruncatedError(f"{shown}: got {size} of {total} bytes", url=shown)
+    return size, digest, resp.status, rel
+
+
+def _stream(ctx: RunContext, resp: Response, part: Path, offset: int,
+            shown: str) -> tuple[int, str]:
+    hasher = hashlib.sha256()
+    flags = os.O_WRONLY | os.O_CREAT
+    try:
+        if offset:
+            with open(part, "rb") as fh:  # hash what we already have
+                while buf := fh.read(_READ_BUF):
+                    hasher.update(buf)
+            fd = os.open(part, flags | os.O_APPEND)
+        else:
+            fd = os.open(part, flags | os.O_TRUNC)
+    except OSError as exc:
+        raise _storage_error(exc, shown) from exc
+    size = offset
+    cancel = ctx.cancel
+    try:
+        for chunk in resp.chunks(ctx.config.chunk_size):
+            if cancel.is_set():
+                raise CancelledError(f"cancelled: {shown}", url=shown)
+            hasher.update(chunk)
+            view = memoryview(chunk)
+            while view:
+                try:
+                    n = os.write(fd, view)
+                except OSError as exc:
+                    raise _storage_error(exc, shown) from exc
+                view = view[n:]
+            size += len(chunk)
+    except TransportError:
+        if cancel.is_set():  # a transfer we aborted on purpose
+            raise CancelledError(f"cancelled: {shown}", url=shown) from None
+        raise
+    finally:
+        os.close(fd)
+    return size, hasher.hexdigest()
+
+
+def _publish(ctx: RunContext, part: Path, meta: Path, rel: str, shown: str) -> None:
+    final = safe_join(ctx.dest, rel)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(part, final)
+    except OSError as exc:
+        raise _storage_error(exc, shown) from exc
+    with contextlib.suppress(FileNotFoundError):
+        meta.unlink()
+
+
+def _resume_point(part: Path, meta: Path, url: str) -> tuple[int, str]:
+    try:
+        size = part.stat().st_size
+    except FileNotFoundError:
+        return 0, ""
+    try:
+        info = json.loads(meta.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        info = {}
+    validator = info.get("validator") if isinstance(info, dict) else None
+    if size and isinstance(validator, str) and validator and info.get("url") == url:
+        return size, validator
+    return 0, ""  # nothing safe to resume from: If-Range needs a validator
+
+
+def _write_meta(meta: Path, url: str, resp: Response, total: int | None) -> None:
+    validator = resp.headers.get("ETag") or resp.headers.get("Last-Modified") or ""
+    if validator.startswith("W/"):
+        validator = ""  # weak ETags are not allowed in If-Range
+    data = json.dumps({"url": url, "validator": validator, "total": total})
+    try:
+        meta.write_text(data, encoding="utf-8")
+    except OSError as exc:
+        raise _storage_error(exc, redact(url)) from exc
+
+
+def _content_range(resp: Response) -> tuple[int, int | None]:
+    value = resp.headers.get("Content-Range", "")
+    try:
+        unit, _, spec = value.partition(" ")
+        span, _, total = spec.partition("/")
+        start = int(span.partition("-")[0])
+        if unit.strip().lower() != "bytes":
+            raise ValueError(unit)
+        return start, (int(total) if total.strip().isdigit() else None)
+    except ValueError as exc:
+        raise TransportError(f"{redact(resp.url)}: bad Content-Range {value!r}",
+                             url=redact(resp.url)) from exc
+
+
+def _check_type(resp: Response, pattern: str, shown: str) -> None:
+    got = (resp.headers.get("Content-Type") or "").split(";")[0].strip().lower()
+    wanted = [p.strip().lower() for p in pattern.split(",") if p.strip()]
+    if not any(fnmatch.fnmatchcase(got, p) for p in wanted):
+        raise ContentTypeError(url=shown, got=got, expected=pattern)
+
+
+def _storage_error(exc: OSError, shown: str) -> StorageError:
+    why = os.strerror(exc.errno) if exc.errno else str(exc)
+    return StorageError(f"{shown}: cannot write {exc.filename or 'file'}: {why}", url=shown,
+                        disk_full=exc.errno in _DISK_ERRNOS)
+
+
+def _remove(*paths: Path) -> None:
+    for p in paths:
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()

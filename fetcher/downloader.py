@@ -1,0 +1,406 @@
+"""Many files: a thread pool over a streamed URL list, a bounded window, one manifest.
+
+The main thread reads the list, names each item, skips what earlier runs completed
+(no request, not even a HEAD) and submits the rest to ``threads`` workers, never
+more than ``config.in_flight`` at a time. Each worker owns one ``HttpClient``.
+Finished items flow through optional post-processing (a process pool) and are then
+journaled, counted and sent to the optional sink.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import IO, Any
+
+from .config import FetchConfig
+from .download import HostGate, RunContext, SkipExisting, download_one
+from .errors import (
+    CancelledError,
+    ConfigError,
+    ItemError,
+    ProcessingError,
+    TargetExistsError,
+    UnsafePathError,
+)
+from .http import HttpClient, config_from_session, redact
+from .manifest import MANIFEST_NAME, PUBLISHED_NAME, CompletedIndex, ManifestWriter
+from .models import Job, Report, Result
+from .naming import (
+    NameAllocator,
+    filename_from_content_disposition,
+    path_from_url,
+    safe_join,
+    sanitize_relpath,
+)
+from .progress import NullProgress, Progress
+from .sources import iter_jobs
+
+UrlSource = str | os.PathLike[str] | IO[str] | Iterable[str | Job | Mapping[str, Any]]
+
+
+class Fetcher:
+    """A reusable downloader: one configuration, many runs.
+
+    >>> report = Fetcher(FetchConfig(threads=16)).run("urls.txt", "out")
+    """
+
+    def __init__(self, config: FetchConfig | None = None, *, progress: Progress | None = None,
+                 post: Sequence[str] = (), processes: int | None = None,
+                 sink: str | None = None, sink_table: str = "downloads") -> None:
+        self.config = config or FetchConfig()
+        self.progress: Progress = progress or NullProgress()
+        self.post = tuple(post)
+        self.processes = processes
+        self.sink = sink
+        self.sink_table = sink_table
+        if self.post:
+            from .transforms import parse_post
+
+            for spec in self.post:  # fail on a bad --post before any download
+                parse_post(spec)
+
+    def run(self, urls: UrlSource, dest: str | os.PathLike[str] = ".", *,
+            cancel: threading.Event | None = None) -> Report:
+        """Download every URL of ``urls`` into ``dest``; failures are collected, not raised.
+
+        ``urls`` is a list file path, ``"-"`` (stdin), an open text file, or an iterable of
+        URLs, ``Job``s or dicts with a ``url`` key. A malformed entry raises
+        ``UrlListError`` before any download when the input can be read twice (files,
+        stdin, lists); a generator is validated as it is consumed. Setting ``cancel``
+        stops the run as Ctrl-C does: no new items, in-flight transfers abort, partial
+        files stay for resume, and the Report says ``interrupted``.
+        """
+        dest_path = Path(dest)
+        with contextlib.ExitStack() as stack:
+            jobs, total = _prepare(urls, stack)
+            return _Run(self, dest_path, cancel or threading.Event()).execute(jobs, total)
+
+
+def fetch(urls: UrlSource, dest: str | os.PathLike[str] = ".", *,
+          progress: Progress | None = None, post: Sequence[str] = (),
+          processes: int | None = None, sink: str | None = None,
+          session: Any = None, config: FetchConfig | None = None,
+          cancel: threading.Event | None = None, **options: Any) -> Report:
+    """Download ``urls`` into ``dest`` concurrently and return a Report.
+
+    ``options`` are ``FetchConfig`` fields (``threads``, ``retries``, ``timeout``,
+    ``headers``, ``auth``, ``proxies``, ``verify``, ...). ``session`` takes headers,
+    auth, proxies and TLS settings from a ``requests.Session``. ``post`` names
+    transforms run on a process pool as files complete; ``sink`` is a writer URL that
+    receives every manifest record.
+    """
+    try:
+        cfg = (config or FetchConfig()).replace(**options) if options else (
+            config or FetchConfig())
+    except TypeError as exc:
+        raise ConfigError(f"unknown fetch option: {exc}") from exc
+    if session is not None:
+        cfg = config_from_session(session, cfg)
+    fetcher = Fetcher(cfg, progress=progress, post=post, processes=processes, sink=sink)
+    return fetcher.run(urls, dest, cancel=cancel)
+
+
+def _prepare(urls: UrlSource,
+             stack: contextlib.ExitStack) -> tuple[Iterable[Job], int | None]:
+    """Validate the whole list up front where it can be read twice; count it."""
+    if isinstance(urls, str) and urls == "-":
+        import sys
+
+        spool = stack.enter_context(tempfile.TemporaryFile("w+", encoding="utf-8"))  # noqa: SIM115
+        shutil.copyfileobj(sys.stdin, spool)
+        spool.seek(0)
+        total = sum(1 for _ in iter_jobs(_named(spool, "<stdin>")))
+        spool.seek(0)
+        return iter_jobs(_named(spool, "<stdin>")), total
+    if isinstance(urls, str | os.PathLike):
+        path = Path(urls)
+        if not path.is_file():
+            raise ConfigError(f"URL list not found: {path}")
+        total = sum(1 for _ in iter_jobs(path))
+        return iter_jobs(path), total
+    if isinstance(urls, list | tuple):
+        jobs = list(iter_jobs(urls))
+        return jobs, len(jobs)
+    return iter_jobs(urls), None
+
+
+class _Named:
+    """A text stream with a ``name`` for error messages."""
+
+    def __init__(self, fh: IO[str], name: str) -> None:
+        self._fh, self.name = fh, name
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._fh)
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(self._fh, attr)
+
+
+def _named(fh: IO[str], name: str) -> Any:
+    return _Named(fh, name)
+
+
+class _Run:
+    """The state of one run; lives for one ``Fetcher.run`` call."""
+
+    def __init__(self, fetcher: Fetcher, dest: Path, cancel: threading.Event) -> None:
+        cfg = fetcher.config
+        self.fetcher, self.cfg, self.dest = fetcher, cfg, dest
+        self.progress = fetcher.progress
+        self.report = Report()
+        gate_limit = cfg.per_host if cfg.per_host is not None and cfg.per_host < cfg.threads \
+            else None
+        self.ctx = RunContext(config=cfg, dest=dest, cancel=cancel,
+                              gate=HostGate(limit=gate_limit, rate=cfg.rate, cancel=cancel))
+        self.names = NameAllocator()
+        self.index = CompletedIndex()
+        self._lock = threading.Lock()
+        self._local = threading.local()
+        self._clients: list[HttpClient] = []
+        self._window = threading.BoundedSemaphore(cfg.in_flight)
+        self.pipeline: Any = None
+        self.writer: Any = None
+        self.published: ManifestWriter | None = None
+        self.manifest: ManifestWriter | None = None
+        self._ended = threading.Event()
+
+    # -- setup -------------------------------------------------------------------------
+    def _open(self, stack: contextlib.ExitStack) -> ManifestWriter:
+        try:
+            (self.dest / ".fetcher" / "partial").mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"cannot create output directory {self.dest}: {exc}") from exc
+        manifest_path = self.cfg.manifest or self.dest / ".fetcher" / MANIFEST_NAME
+        published_path = self.dest / ".fetcher" / PUBLISHED_NAME
+        if not self.cfg.force:
+            self.index.load(manifest_path).load(published_path)
+        manifest = ManifestWriter(manifest_path)
+        stack.callback(manifest.close)
+        self.report.manifest = str(manifest_path)
+        if self.fetcher.post:
+            from .transforms import PostPipeline
+
+            # Downloaded-but-unprocessed files are journaled here at publish time, so a
+            # run killed before its post-processing ends does not re-download them.
+            self.published = ManifestWriter(published_path)
+            stack.callback(self.published.close)
+            self.pipeline = stack.enter_context(
+                PostPipeline(self.fetcher.post, self.dest, processes=self.fetcher.processes))
+        if self.fetcher.sink:
+            from .writers import ParallelWriter
+
+            self.writer = ParallelWriter(self.fetcher.sink, key="url",
+                                         table=self.fetcher.sink_table)
+            stack.callback(self.writer.close)
+        return manifest
+
+    # -- the run -------------------------------------------------------------------------
+    def execute(self, jobs: Iterable[Job], total: int | None) -> Report:
+        started = time.monotonic()
+        self.progress.start(total, unit="file", desc="fetch")
+        try:
+            with contextlib.ExitStack() as stack:
+                self.manifest = self._open(stack)
+                pool = ThreadPoolExecutor(self.cfg.threads, thread_name_prefix="fetcher")
+                try:
+                    self._schedule(jobs, pool)
+                    self._drain(pool)
+                except KeyboardInterrupt:
+                    self._interrupt()
+                    self._drain(pool)
+                    raise
+                finally:
+                    for client in self._clients:
+                        client.close()
+        finally:
+            self._ended.set()
+            self.report.elapsed_s = time.monotonic() - started
+            self.report.interrupted = self.ctx.cancel.is_set()
+            self.progress.close()
+        return self.report
+
+    def _interrupt(self) -> None:
+        self.ctx.cancel.set()
+        self.ctx.abort_all()
+
+    def _drain(self, pool: ThreadPoolExecutor) -> None:
+        """Wait for in-flight items; an interrupt here aborts transfers and keeps waiting."""
+        while True:
+            try:
+                pool.shutdown(wait=True)
+                return
+            except KeyboardInterrupt:
+                self._interrupt()
+
+    def _schedule(self, jobs: Iterable[Job], pool: ThreadPoolExecutor) -> None:
+        cancel, stop_new = self.ctx.cancel, self.ctx.stop_new
+        watcher = threading.Thread(target=self._watch_cancel, daemon=True)
+        watcher.start()
+        for job in jobs:
+            if cancel.is_set() or stop_new.is_set():
+                break
+            item = self._plan(job)
+            if item is None:
+                continue
+            while not self._window.acquire(timeout=0.2):
+                if cancel.is_set():
+                    return
+            pool.submit(self._work, job, item)
+
+    def _watch_cancel(self) -> None:
+        """Abort in-flight transfers as soon as someone sets ``cancel`` (the CLI's Ctrl-C)."""
+        while not self._ended.is_set():
+            if self.ctx.cancel.wait(0.2):
+                self.ctx.abort_all()
+                return
+
+    def _plan(self, job: Job) -> str | None:
+        """The item's relative path, or None when it is finished here already."""
+        shown = redact(job.url)
+        try:
+            rel = sanitize_relpath(job.path, url=shown) if job.path else path_from_url(job.url)
+        except UnsafePathError as exc:
+            self._finish(Result(url=shown, path=job.path, status="failed", extra=job.extra)
+                         .fail(exc))
+            return None
+        claimed = self.names.claim(job.url, rel)
+        if claimed is None:
+            return None  # the same URL to the same target again: fetched once
+        if not self.cfg.force:
+            size = self.index.size(shown, claimed)
+            if size is not None and _file_size(self.dest / claimed) == size:
+                self._finish(Result(url=shown, path=claimed, status="skipped", bytes=size,
+                                    extra=job.extra))
+                return None
+        return claimed
+
+    # -- worker side ---------------------------------------------------------------------
+    def _client(self) -> HttpClient:
+        client: HttpClient | None = getattr(self._local, "client", None)
+        if client is None:
+            client = self._local.client = HttpClient(self.cfg)
+            with self._lock:
+                self._clients.append(client)
+        return client
+
+    def _work(self, job: Job, rel: str) -> None:
+        shown = redact(job.url)
+        try:
+            if self.ctx.cancel.is_set():
+                result = Result(url=shown, path=rel, status="failed").fail(
+                    CancelledError(f"cancelled before start: {shown}", url=shown))
+            else:
+                result = self._download(job, rel)
+            result.extra = job.extra
+            self._finish(result)
+        except BaseException as exc:
+            self._finish(Result(url=shown, path=rel, status="failed", extra=job.extra)
+                         .fail(exc))
+        finally:
+            self._window.release()
+
+    def _download(self, job: Job, rel: str) -> Result:
+        shown = redact(job.url)
+        owned = self.index.size(shown, rel) is not None
+        try:
+            rel = self._resolve_existing(rel, owned=owned)
+        except SkipExisting:
+            return Result(url=shown, path=rel, status="skipped", bytes=_file_size(
+                self.dest / rel) or 0)
+        except ItemError as exc:
+            return Result(url=shown, path=rel, status="failed").fail(exc)
+        retarget = None
+        if self.cfg.content_disposition and not job.path:
+            retarget = self._retarget(job.url, rel)
+        return download_one(self.ctx, self._client(), job.url, rel, job.sha256, retarget)
+
+    def _resolve_existing(self, rel: str, *, owned: bool) -> str:
+        """Apply --on-exists to a file already at ``rel`` that this URL does not own."""
+        target = safe_join(self.dest, rel)
+        if owned or not os.path.lexists(target):
+            return rel
+        policy = self.cfg.on_exists
+        if policy == "skip":
+            raise SkipExisting(rel)
+        if policy == "error":
+            raise TargetExistsError(f"{rel} already exists (--on-exists error)",
+                                    url=rel)
+        if policy == "rename":
+            return self.names.reserve_free(
+                rel, exists=lambda p: os.path.lexists(self.dest / p))
+        return rel  # overwrite: replaced atomically once the new file is complete
+
+    def _retarget(self, url: str, rel: str) -> Callable[[str | None], str]:
+        chosen: list[str] = []
+
+        def retarget(header: str | None) -> str:
+            if chosen:
+                return chosen[0]
+            name = filename_from_content_disposition(header)
+            new = rel
+            if name:
+                parent = os.path.dirname(rel)
+                candidate = f"{parent}/{name}" if parent else name
+                if candidate != rel:
+                    claimed = self.names.claim(url, candidate)
+                    new = self._resolve_existing(claimed or candidate, owned=False)
+            chosen.append(new)
+            return new
+
+        return retarget
+
+    # -- completion ----------------------------------------------------------------------
+    def _finish(self, result: Result) -> None:
+        """Post-process (if asked), then journal, count, sink and report the item."""
+        if self.pipeline is not None and result.status != "failed" and result.path:
+            if result.status == "ok" and self.published is not None:
+                self.published.write(result.record())
+            try:
+                future: Future[list[str]] = self.pipeline.submit(result.path)
+            except Exception as exc:
+                self._record(_post_failed(result, exc))
+                return
+            future.add_done_callback(lambda f: self._record(_post_done(result, f)))
+            return
+        self._record(result)
+
+    def _record(self, result: Result) -> None:
+        record = result.record()
+        assert self.manifest is not None
+        self.manifest.write(record)
+        if self.writer is not None:
+            self.writer.write(record)
+        with self._lock:
+            self.report.add(result, keep=self.cfg.keep_results)
+        self.progress.update(1, nbytes=result.bytes if result.status == "ok" else 0)
+
+
+def _post_done(result: Result, future: Future[list[str]]) -> Result:
+    exc = future.exception()
+    if exc is not None:
+        return _post_failed(result, exc)
+    result.outputs = list(future.result())
+    return result
+
+
+def _post_failed(result: Result, exc: BaseException) -> Result:
+    if not isinstance(exc, ProcessingError):
+        exc = ProcessingError(str(exc), transform="post", path=result.path or "",
+                              url=result.url)
+    return result.fail(exc)
+
+
+def _file_size(path: Path) -> int | None:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return None

@@ -1,0 +1,110 @@
+"""The run journal: one JSON object per item, appended and flushed as each item ends.
+
+The manifest is append-only across runs; when a URL appears more than once, the
+latest line wins. ``CompletedIndex`` reads it back so a re-run skips complete files
+without a request. It keeps 64-bit digests of (url, path) and the size, not the
+strings, so a million-line manifest costs tens of MiB, not hundreds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+MANIFEST_NAME = "manifest.jsonl"
+PUBLISHED_NAME = "published.jsonl"
+
+
+def item_key(url: str, path: str) -> int:
+    """64-bit digest identifying one (url, path) pair."""
+    return int.from_bytes(
+        hashlib.blake2b(f"{url}\0{path}".encode(), digest_size=8).digest(), "big"
+    )
+
+
+class ManifestWriter:
+    """Thread-safe JSONL appender; every line is flushed to the OS as it is written."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._fh: IO[str] | None = open(path, "a", encoding="utf-8")  # noqa: SIM115
+        self._lock = threading.Lock()
+
+    def write(self, record: dict[str, Any]) -> None:
+        """Append one record and flush it."""
+        line = json.dumps(record, ensure_ascii=False, default=str) + "\n"
+        with self._lock:
+            if self._fh is None:
+                raise ValueError(f"manifest {self.path} is closed")
+            self._fh.write(line)
+            self._fh.flush()
+
+    def sync(self) -> None:
+        """fsync the journal (at the end of a run)."""
+        with self._lock:
+            if self._fh is not None:
+                self._fh.flush()
+                os.fsync(self._fh.fileno())
+
+    def close(self) -> None:
+        """Flush, fsync and close."""
+        self.sync()
+        with self._lock:
+            if self._fh is not None:
+                self._fh.close()
+                self._fh = None
+
+
+def iter_records(path: Path) -> Iterator[dict[str, Any]]:
+    """Records of a manifest; a torn last line (killed mid-write) is ignored."""
+    try:
+        fh = open(path, encoding="utf-8")  # noqa: SIM115
+    except FileNotFoundError:
+        return
+    with fh:
+        for line in fh:
+            if not line.endswith("\n"):
+                break  # torn write from a killed run
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(rec, dict):
+                yield rec
+
+
+class CompletedIndex:
+    """Which (url, path) pairs earlier runs completed, and their sizes."""
+
+    def __init__(self) -> None:
+        self._sizes: dict[int, int] = {}
+
+    def __len__(self) -> int:
+        return len(self._sizes)
+
+    def load(self, path: Path) -> CompletedIndex:
+        """Fold in a journal (manifest or published log); later lines win."""
+        for rec in iter_records(path):
+            url, rel = rec.get("url"), rec.get("path")
+            if not isinstance(url, str) or not isinstance(rel, str):
+                continue
+            key = item_key(url, rel)
+            # A failed line does not erase an earlier success: a failed --force re-run
+            # never touched the complete file, which is still there and still ours.
+            if rec.get("status") in ("ok", "skipped") and isinstance(rec.get("bytes"), int):
+                self._sizes[key] = rec["bytes"]
+        return self
+
+    def add(self, url: str, path: str, size: int) -> None:
+        """Record a completed pair (this run)."""
+        self._sizes[item_key(url, path)] = size
+
+    def size(self, url: str, path: str) -> int | None:
+        """Recorded size of the pair's complete download, or None."""
+        return self._sizes.get(item_key(url, path))

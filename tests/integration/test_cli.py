@@ -1,0 +1,85 @@
+"""The CLI in-process (typer's CliRunner) and once as a real subprocess."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from fetcher.cli import app
+from tests.httpserver import TestServer
+
+runner = CliRunner()
+
+
+def _list(tmp_path: Path, lines: list[str]) -> Path:
+    p = tmp_path / "urls.txt"
+    p.write_text("\n".join(lines) + "\n")
+    return p
+
+
+def test_get_exit_0_and_json_summary(server: TestServer, dest: Path, tmp_path: Path) -> None:
+    urls = [server.add(f"/c{i}", b"c" * 100) for i in range(5)]
+    res = runner.invoke(app, ["get", str(_list(tmp_path, urls)), "-o", str(dest), "--json",
+                              "--quiet"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout)
+    assert summary["ok"] == 5 and summary["bytes"] == 500 and summary["failed"] == 0
+
+
+def test_get_exit_1_names_the_failed_url(server: TestServer, dest: Path, tmp_path: Path) -> None:
+    good = server.add("/good", b"g")
+    missing = server.url("/missing")
+    res = runner.invoke(app, ["get", str(_list(tmp_path, [good, missing])), "-o", str(dest),
+                              "--retries", "0"])
+    assert res.exit_code == 1
+    assert missing in res.stderr and "HTTP 404" in res.stderr
+    assert "1 ok, 0 skipped, 1 failed" in res.stderr
+
+
+def test_get_bad_list_exit_2_names_file_and_line(server: TestServer, dest: Path,
+                                                 tmp_path: Path) -> None:
+    lst = _list(tmp_path, [server.add("/a", b"a"), "not a url"])
+    res = runner.invoke(app, ["get", str(lst), "-o", str(dest)])
+    assert res.exit_code == 2
+    assert "urls.txt:2" in res.stderr
+    assert server.requests() == []
+
+
+def test_bad_options_exit_2(tmp_path: Path) -> None:
+    lst = _list(tmp_path, ["http://127.0.0.1:9/x"])
+    res = runner.invoke(app, ["get", str(lst), "--threads", "0"])
+    assert res.exit_code == 2 and "threads" in res.stderr
+    res = runner.invoke(app, ["get", str(lst), "--on-exists", "explode"])
+    assert res.exit_code == 2 and "on_exists" in res.stderr
+    res = runner.invoke(app, ["get", str(tmp_path / "nope.txt")])
+    assert res.exit_code == 2 and "not found" in res.stderr
+
+
+def test_get_reads_stdin(server: TestServer, dest: Path) -> None:
+    url = server.add("/stdin.txt", b"from stdin")
+    res = runner.invoke(app, ["get", "-", "-o", str(dest), "--quiet"], input=url + "\n")
+    assert res.exit_code == 0, res.output
+    assert (dest / "stdin.txt").read_bytes() == b"from stdin"
+
+
+def test_real_subprocess(server: TestServer, dest: Path, tmp_path: Path) -> None:
+    urls = [server.add(f"/s{i}.bin", bytes([i]) * 2048) for i in range(20)]
+    proc = subprocess.run(
+        [sys.executable, "-m", "fetcher", "get", str(_list(tmp_path, urls)), "-o", str(dest),
+         "--threads", "4", "--json"],
+        capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["ok"] == 20
+    assert "20 ok, 0 skipped, 0 failed" in proc.stderr
+    assert all((dest / f"s{i}.bin").stat().st_size == 2048 for i in range(20))
+
+
+def test_help_lists_the_commands() -> None:
+    res = runner.invoke(app, ["--help"])
+    assert res.exit_code == 0
+    for command in ("get", "process", "write"):
+        assert command in res.stdout
