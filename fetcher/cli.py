@@ -83,6 +83,8 @@ def _render(report: Report, *, as_json: bool, quiet: bool, what: str = "files") 
             _err(f"  ... {len(report.failures) - 20} more failures in {report.manifest}")
             break
         _err(f"  FAILED {failure.url}: {failure.error_type}: {failure.error}")
+    if report.stopped:
+        _err(f"fetcher: stopped starting new items: {report.stopped}")
     if not quiet or report.failures:
         secs = summary["elapsed_s"]
         rate = human_bytes(report.bytes / secs) + "/s" if secs else "-"

@@ -100,6 +100,7 @@ class RunContext:
     gate: HostGate
     cancel: threading.Event = field(default_factory=threading.Event)
     stop_new: threading.Event = field(default_factory=threading.Event)
+    stop_reason: str | None = None
     _active: set[Response] = field(default_factory=set)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -115,6 +116,13 @@ class RunContext:
                 self._active.add(resp)
             else:
                 self._active.discard(resp)
+
+    def stop(self, reason: str) -> None:
+        """Start no new items (the first reason is kept); in-flight items finish."""
+        with self._lock:
+            if self.stop_reason is None:
+                self.stop_reason = reason
+        self.stop_new.set()
 
     def abort_all(self) -> None:
         """Break every in-flight transfer so threads notice cancellation at once."""
@@ -190,7 +198,7 @@ def download_one(ctx: RunContext, client: HttpClient, url: str, rel: str,
                 if exc.retry_after is not None and exc.status in (429, 503):
                     ctx.gate.pause(host, min(exc.retry_after, cfg.backoff_max))
             if isinstance(exc, StorageError) and exc.disk_full:
-                ctx.stop_new.set()  # keep what is complete, start nothing new
+                ctx.stop(str(exc))  # keep what is complete, start nothing new
             retry = exc.retryable and not (isinstance(exc, ChecksumError) and mismatches >= 2)
             if not retry or result.attempts > cfg.retries or ctx.cancel.is_set():
                 break

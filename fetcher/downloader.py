@@ -225,6 +225,7 @@ class _Run:
             self._ended.set()
             self.report.elapsed_s = time.monotonic() - started
             self.report.interrupted = self.ctx.cancel.is_set()
+            self.report.stopped = self.ctx.stop_reason
             self.progress.close()
         return self.report
 

@@ -92,9 +92,12 @@ class Response:
     def chunks(self, size: int) -> Iterator[bytes]:
         """Body chunks of up to ``size`` bytes; transport failures become ours."""
         raw = self._raw
+        # read1 returns what has arrived (up to size) instead of blocking until size
+        # bytes: a slow body still reaches disk steadily, so an interrupt keeps it.
+        read = raw.read1
         try:
             while True:
-                data = raw.read(size)
+                data = read(size)
                 if not data:
                     return
                 yield data

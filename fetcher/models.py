@@ -85,6 +85,8 @@ class Report:
     bytes: int = 0
     elapsed_s: float = 0.0
     interrupted: bool = False
+    stopped: str | None = None
+    """Why the run stopped starting new items early (a full disk), if it did."""
     manifest: str | None = None
 
     def add(self, result: Result, *, keep: bool = True) -> None:
@@ -119,7 +121,8 @@ class Report:
             "elapsed_s": round(secs, 3),
             "bytes_per_s": round(self.bytes / secs, 1) if secs > 0 else None,
             "files_per_s": round(self.counts["ok"] / secs, 1) if secs > 0 else None,
-            "interrupted": self.interrupted, "manifest": self.manifest,
+            "interrupted": self.interrupted, "stopped": self.stopped,
+            "manifest": self.manifest,
         }
 
     def raise_for_failures(self) -> None:

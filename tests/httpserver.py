@@ -74,7 +74,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.connection.shutdown(socket.SHUT_RDWR)
             return
         if fault and fault.startswith("status:"):
-            parts = fault.split(":")
+            parts = fault.split(":", 2)
             extra = {"Retry-After": parts[2]} if len(parts) > 2 else {}
             self._simple(int(parts[1]), b"<html>error page</html>", extra, "text/html")
             return
@@ -131,9 +131,9 @@ class _Handler(BaseHTTPRequestHandler):
             if route.slow_bps:
                 step = max(1, route.slow_bps // 10)
                 for i in range(0, len(body), step):
+                    time.sleep(0.1)
                     self.wfile.write(body[i:i + step])
                     self.wfile.flush()
-                    time.sleep(0.1)
                 return
             self.wfile.write(body)
         except (BrokenPipeError, ConnectionResetError):
