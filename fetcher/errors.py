@@ -114,7 +114,8 @@ class ContentTypeError(ItemError):
     """The response's Content-Type is not what the caller expects (an error page, say)."""
 
     def __init__(self, *, url: str, got: str, expected: str) -> None:
-        super().__init__(f"{url}: Content-Type {got or '(none)'} does not match {expected}", url=url)
+        super().__init__(f"{url}: Content-Type {got or '(none)'} does not match {expected}",
+                         url=url)
         self.got = got
         self.expected = expected
 
