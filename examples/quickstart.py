@@ -24,7 +24,7 @@ from pathlib import Path
 class _Quiet(SimpleHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, as real servers do
 
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+    def log_message(self, format: str, *args: object) -> None:
         pass
 
 
