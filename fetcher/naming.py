@@ -217,8 +217,9 @@ def filename_from_content_disposition(header: str | None) -> str | None:
     if name is None and "filename" in params:
         value = params["filename"]
         if value.startswith('"'):
-            value = re.sub(r"\\(.)", r"\1", value[1:-1] if value.endswith('"') and len(value) > 1
-                           else value[1:])
+            value = value[1:-1] if value.endswith('"') and len(value) > 1 else value[1:]
+            # Only \" and \\ are unescaped: senders put raw Windows paths in here.
+            value = re.sub(r'\\(["\\])', r"\1", value)
         # Servers often send raw UTF-8, which HTTP libraries decode as Latin-1.
         with contextlib.suppress(UnicodeEncodeError, UnicodeDecodeError):
             value = value.encode("latin-1").decode("utf-8")
