@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import random
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -38,6 +39,7 @@ from .naming import safe_join
 
 PARTIAL_DIR = Path(".fetcher") / "partial"
 _READ_BUF = 1024 * 1024
+RESUME_MIN_BYTES = 64 * 1024
 _DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
 
 
@@ -101,12 +103,46 @@ class RunContext:
     cancel: threading.Event = field(default_factory=threading.Event)
     stop_new: threading.Event = field(default_factory=threading.Event)
     stop_reason: str | None = None
+    partials: set[str] = field(default_factory=set)
+    """Partial file names present when the run started (resume candidates)."""
     _active: set[Response] = field(default_factory=set)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _dirs: set[str] = field(default_factory=set)
 
     @property
     def partial_dir(self) -> Path:
         return self.dest / PARTIAL_DIR
+
+    def target(self, rel: str) -> tuple[Path, bool]:
+        """The checked absolute path for ``rel`` and whether something is there already.
+
+        Directories verified once (no symlink on the way) are remembered for the run, so
+        the per-file cost is one lstat instead of one per path component.
+        """
+        parent = rel.rpartition("/")[0]
+        if parent and parent not in self._dirs:
+            path = safe_join(self.dest, rel)
+            exists = os.path.lexists(path)
+            if os.path.isdir(path.parent):
+                with self._lock:
+                    self._dirs.add(parent)
+            return path, exists
+        path = self.dest / rel
+        try:
+            mode = os.lstat(path).st_mode
+        except FileNotFoundError:
+            return path, False
+        if stat.S_ISLNK(mode):
+            return safe_join(self.dest, rel), True  # raises UnsafePathError
+        return path, True
+
+    def ensure_parent(self, rel: str, path: Path) -> None:
+        parent = rel.rpartition("/")[0]
+        if parent and parent not in self._dirs:
+            safe_join(self.dest, rel)  # re-check: the directory may have appeared
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with self._lock:
+                self._dirs.add(parent)
 
     def track(self, resp: Response | None, *, add: bool) -> None:
         if resp is None:
@@ -174,16 +210,16 @@ def download_one(ctx: RunContext, client: HttpClient, url: str, rel: str,
             break
         result.attempts += 1
         try:
-            size, digest, status, rel = _attempt(ctx, client, url, shown, host, part, meta,
-                                                 rel, retarget)
+            got = _attempt(ctx, client, url, shown, host, part, meta, rel, retarget)
+            size, digest, rel = got.size, got.sha256, got.rel
             result.path = rel
             if expected_sha and digest != expected_sha:
                 _remove(part, meta)
                 mismatches += 1
                 raise ChecksumError(url=shown, expected=expected_sha, actual=digest)
-            _publish(ctx, part, meta, rel, shown)
+            _publish(ctx, part, meta, rel, shown, got.sidecar)
             result.status, result.bytes, result.sha256 = "ok", size, digest
-            result.http_status = status
+            result.http_status = got.status
             result.elapsed_s = time.monotonic() - started
             return result
         except SkipExisting as skip:
@@ -213,15 +249,24 @@ def download_one(ctx: RunContext, client: HttpClient, url: str, rel: str,
     return result.fail(last)
 
 
-def _attempt(ctx: RunContext, client: HttpClient, url: str, shown: str, host: str,
-             part: Path, meta: Path, rel: str,
-             retarget: Retarget | None) -> tuple[int, str, int, str]:
-    """One GET: resume if possible, stream, verify length.
+@dataclass(frozen=True, slots=True)
+class _Transfer:
+    size: int
+    sha256: str
+    status: int
+    rel: str
+    """Where to publish (Content-Disposition may have changed it)."""
+    sidecar: bool
+    """Whether a resume sidecar may exist and needs removing."""
 
-    Returns (size, sha256, status, relative path to publish at).
-    """
+
+def _attempt(ctx: RunContext, client: HttpClient, url: str, shown: str, host: str,
+             part: Path, meta: Path, rel: str, retarget: Retarget | None) -> _Transfer:
+    """One GET: resume if possible, stream, verify length."""
     cfg = ctx.config
-    offset, validator = _resume_point(part, meta, url)
+    offset, validator = 0, ""
+    if part.name in ctx.partials or part.exists():
+        offset, validator = _resume_point(part, meta, url)
     headers: dict[str, str] = {}
     if offset:
         headers["Range"] = f"bytes={offset}-"
@@ -251,18 +296,23 @@ def _attempt(ctx: RunContext, client: HttpClient, url: str, shown: str, host: st
                 raise TransportError(f"{shown}: unexpected HTTP {resp.status}", url=shown)
             if retarget is not None:
                 rel = retarget(resp.headers.get("Content-Disposition"))
-            _write_meta(meta, url, resp, total)
+            # Small bodies get no resume sidecar: re-fetching them is cheaper than the
+            # extra file writes, which dominate the cost of many small downloads.
+            sidecar = total is None or total > RESUME_MIN_BYTES
+            if sidecar:
+                _write_meta(meta, url, resp, total)
             size, digest = _stream(ctx, resp, part, offset, shown)
         finally:
             ctx.track(resp, add=False)
             resp.release()
     if total is not None and size != total:
         raise TruncatedError(f"{shown}: got {size} of {total} bytes", url=shown)
-    return size, digest, resp.status, rel
+    return _Transfer(size, digest, resp.status, rel, sidecar=bool(offset or sidecar))
 
 
 def _stream(ctx: RunContext, resp: Response, part: Path, offset: int,
             shown: str) -> tuple[int, str]:
+    """Append the body to ``part`` while hashing it; returns (total size, sha256)."""
     hasher = hashlib.sha256()
     flags = os.O_WRONLY | os.O_CREAT
     try:
@@ -299,15 +349,17 @@ def _stream(ctx: RunContext, resp: Response, part: Path, offset: int,
     return size, hasher.hexdigest()
 
 
-def _publish(ctx: RunContext, part: Path, meta: Path, rel: str, shown: str) -> None:
-    final = safe_join(ctx.dest, rel)
+def _publish(ctx: RunContext, part: Path, meta: Path, rel: str, shown: str,
+             resumable: bool) -> None:
+    final, _ = ctx.target(rel)
     try:
-        final.parent.mkdir(parents=True, exist_ok=True)
+        ctx.ensure_parent(rel, final)
         os.replace(part, final)
     except OSError as exc:
         raise _storage_error(exc, shown) from exc
-    with contextlib.suppress(FileNotFoundError):
-        meta.unlink()
+    if resumable:
+        with contextlib.suppress(FileNotFoundError):
+            meta.unlink()
 
 
 def _resume_point(part: Path, meta: Path, url: str) -> tuple[int, str]:

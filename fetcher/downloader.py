@@ -37,7 +37,6 @@ from .naming import (
     NameAllocator,
     filename_from_content_disposition,
     path_from_url,
-    safe_join,
     sanitize_relpath,
 )
 from .progress import NullProgress, Progress
@@ -176,7 +175,8 @@ class _Run:
     # -- setup -------------------------------------------------------------------------
     def _open(self, stack: contextlib.ExitStack) -> ManifestWriter:
         try:
-            (self.dest / ".fetcher" / "partial").mkdir(parents=True, exist_ok=True)
+            self.ctx.partial_dir.mkdir(parents=True, exist_ok=True)
+            self.ctx.partials.update(os.listdir(self.ctx.partial_dir))
         except OSError as exc:
             raise ConfigError(f"cannot create output directory {self.dest}: {exc}") from exc
         manifest_path = self.cfg.manifest or self.dest / ".fetcher" / MANIFEST_NAME
@@ -326,8 +326,8 @@ class _Run:
 
     def _resolve_existing(self, rel: str, *, owned: bool) -> str:
         """Apply --on-exists to a file already at ``rel`` that this URL does not own."""
-        target = safe_join(self.dest, rel)
-        if owned or not os.path.lexists(target):
+        _, exists = self.ctx.target(rel)
+        if owned or not exists:
             return rel
         policy = self.cfg.on_exists
         if policy == "skip":
