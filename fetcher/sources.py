@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
+import ipaddress
 import json
 import os
 import re
@@ -46,12 +47,15 @@ MAX_LINE = 1 << 20
 
 _RESERVED_KEYS = frozenset({"url", "path", "sha256"})
 
-# The authority part of an http(s) URL: optional userinfo (up to the last "@"), a host
-# (reg-name or [IPv6]) and an optional port, followed by the end or one of "/?#".
+# The authority part of an http(s) URL, then the end or one of "/?#": userinfo (RFC 3986
+# characters; a raw "@" is tolerated, the last one ends it), a host (dot-separated
+# labels of letters, digits, "-", "_" or non-ASCII; or an [IPv6] literal, checked with
+# ipaddress afterwards) and an optional port.
+_LABEL = r"[A-Za-z0-9_\-\u0080-\U0010ffff]+"
 _URL_RE = re.compile(
     r"[hH][tT][tT][pP][sS]?://"
-    r"(?:[^/?#]*@)?"
-    r"(?:\[[0-9A-Fa-f:.]+(?:%25[^\]/?#]+)?\]|[^/?#:@\[\]\\]+)"
+    r"(?:[A-Za-z0-9._~!$&'()*+,;=:%@\-\u0080-\U0010ffff]*@)?"
+    rf"(\[[0-9A-Fa-f:.]+(?:%25[A-Za-z0-9._~%\-]+)?\]|{_LABEL}(?:\.{_LABEL})*\.?)"
     r"(?::(\d{0,5}))?"
     r"(?=[/?#]|\Z)"
 )
@@ -75,12 +79,24 @@ def validate_url(url: str, *, source: str = "<list>", line: int | None = None) -
     """
     if url.isprintable() and " " not in url:
         m = _URL_RE.match(url)
-        if m is not None and (not m.group(1) or int(m.group(1)) <= 65535):
+        if (
+            m is not None
+            and (not m.group(2) or int(m.group(2)) <= 65535)
+            and (m.group(1)[0] != "[" or _is_ipv6(m.group(1)))
+        ):
             if url.startswith(("http://", "https://")):
                 return url
             colon = url.index(":")
             return url[:colon].lower() + url[colon:]
     raise UrlListError(_url_problem(url), source=source, line=line)
+
+
+def _is_ipv6(bracketed: str) -> bool:
+    try:
+        ipaddress.IPv6Address(bracketed[1:-1].partition("%25")[0])
+    except ValueError:
+        return False
+    return True
 
 
 def _url_problem(url: str) -> str:

@@ -54,6 +54,9 @@ def error_of(source: object, **kw: str) -> UrlListError:
     "http://example.com#frag",
     "http://h/caf\u00e9/\u65e5\u672c",
     "http://h:/x",
+    "http://int_host.example./x",
+    "http://p%40ss:w@rd@h/",
+    "http://\u4f8b\u3048.jp/",
 ])
 def test_valid_urls_are_returned_unchanged(url: str) -> None:
     assert validate_url(url, source="s", line=1) == url
@@ -81,6 +84,12 @@ def test_scheme_is_case_insensitive_and_lowercased(url: str, expected: str) -> N
     ("http://h:99999/", "invalid host or port"),
     ("http://h:12a/", "invalid host or port"),
     ("http://h\\x/", "invalid host or port"),
+    ("http://./", "invalid host or port"),
+    ("http://a..b/", "invalid host or port"),
+    ("http://a&b/", "invalid host or port"),
+    ("http://[b]/", "invalid host or port"),
+    ("http://[::1/", "invalid host or port"),
+    ("http://us[er@h/", "invalid host or port"),
     ("http://h/a b", "whitespace or a control character"),
     ("http://h/a\tb", "whitespace or a control character"),
     ("http://h/a\x00b", "whitespace or a control character"),
