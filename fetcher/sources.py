@@ -7,7 +7,8 @@ naming the source and the 1-based line, at the moment the bad line is reached.
 Formats (chosen by ``fmt``, else by the file extension, else text):
 
 - text (``.txt`` and anything else): ``URL [PATH]`` per line; blank lines and lines
-  starting with ``#`` are skipped.
+  starting with ``#`` are skipped, and a later field starting with ``#`` begins a
+  trailing comment (so a PATH cannot start with ``#``; use CSV for that).
 - CSV (``.csv``) and TSV (``.tsv``): a header row with a ``url`` column (any case);
   ``path`` and ``sha256`` are optional; other columns are carried in ``Job.extra``.
 - JSONL (``.jsonl``, ``.ndjson``): one JSON object per line with the same keys.
@@ -277,6 +278,10 @@ def _parse_text(f: IO[str], name: str) -> Iterator[Job]:
         if not s.isascii() and _UNDECODABLE_RE.search(s):
             raise _undecodable(name, lineno)
         fields = s.split()
+        if len(fields) > 1 and any(f[0] == "#" for f in fields):
+            # "URL [PATH] # note": a field starting with "#" begins a trailing comment.
+            fields = fields[: next(i for i, f in enumerate(fields) if f[0] == "#")]
+            s = fields[0]
         if len(fields) == 1:
             yield Job(validate_url(s, source=name, line=lineno), source=name, line=lineno)
         elif len(fields) == 2:

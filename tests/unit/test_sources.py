@@ -145,6 +145,12 @@ def test_text_error_names_file_and_line(in_tmp: Path) -> None:
     assert (err.source, err.line) == ("urls.txt", 3)
 
 
+def test_text_trailing_comments(in_tmp: Path) -> None:
+    write("urls.txt", "http://h/a # mirror 1\nhttp://h/b out/b #note\nhttp://h/c#x p#q\n")
+    assert [(j.url, j.path) for j in iter_jobs("urls.txt")] == [
+        ("http://h/a", None), ("http://h/b", "out/b"), ("http://h/c#x", "p#q")]
+
+
 def test_text_more_than_two_fields_is_an_error(in_tmp: Path) -> None:
     write("urls.txt", "http://h/a out/a extra\n")
     err = error_of("urls.txt")
