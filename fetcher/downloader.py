@@ -161,7 +161,7 @@ class _Run:
         self.ctx = RunContext(config=cfg, dest=dest, cancel=cancel,
                               gate=HostGate(limit=gate_limit, rate=cfg.rate, cancel=cancel))
         self.names = NameAllocator()
-        self.index = CompletedIndex()
+        self.index = CompletedIndex(by_url=cfg.content_disposition)
         self._lock = threading.Lock()
         self._local = threading.local()
         self._clients: list[HttpClient] = []
@@ -273,6 +273,8 @@ class _Run:
             self._finish(Result(url=shown, path=job.path, status="failed", extra=job.extra)
                          .fail(exc))
             return None
+        if not job.path and not self.cfg.force and (hit := self.index.find_url(shown)):
+            rel = hit[0]  # named by the server last time; look for it there
         claimed = self.names.claim(job.url, rel)
         if claimed is None:
             return None  # the same URL to the same target again: fetched once

@@ -82,8 +82,11 @@ def iter_records(path: Path) -> Iterator[dict[str, Any]]:
 class CompletedIndex:
     """Which (url, path) pairs earlier runs completed, and their sizes."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, by_url: bool = False) -> None:
         self._sizes: dict[int, int] = {}
+        # Server-chosen names (Content-Disposition) are unknown before the request, so
+        # that mode also finds completed items by URL alone, at the cost of their paths.
+        self._by_url: dict[str, tuple[str, int]] | None = {} if by_url else None
 
     def __len__(self) -> int:
         return len(self._sizes)
@@ -99,11 +102,13 @@ class CompletedIndex:
             # never touched the complete file, which is still there and still ours.
             if rec.get("status") in ("ok", "skipped") and isinstance(rec.get("bytes"), int):
                 self._sizes[key] = rec["bytes"]
+                if self._by_url is not None:
+                    self._by_url[url] = (rel, rec["bytes"])
         return self
 
-    def add(self, url: str, path: str, size: int) -> None:
-        """Record a completed pair (this run)."""
-        self._sizes[item_key(url, path)] = size
+    def find_url(self, url: str) -> tuple[str, int] | None:
+        """(path, size) of the URL's latest complete download, when built ``by_url``."""
+        return None if self._by_url is None else self._by_url.get(url)
 
     def size(self, url: str, path: str) -> int | None:
         """Recorded size of the pair's complete download, or None."""

@@ -259,3 +259,14 @@ def test_no_thread_or_fd_leak_across_runs(server: TestServer, dest: Path) -> Non
     time.sleep(0.3)
     assert threading.active_count() <= threads
     assert len(os.listdir("/proc/self/fd")) <= fds + 2
+
+
+def test_content_disposition_rerun_makes_no_request(server: TestServer, dest: Path) -> None:
+    urls = [server.add(f"/cd{i}", f"doc {i}".encode(),
+                       headers={"Content-Disposition": f'attachment; filename="doc{i}.txt"'})
+            for i in range(3)]
+    assert fetch(urls, dest, content_disposition=True).ok
+    assert sorted(p.name for p in dest.glob("doc*.txt")) == ["doc0.txt", "doc1.txt", "doc2.txt"]
+    server.clear_log()
+    again = fetch(urls, dest, content_disposition=True)
+    assert again.counts["skipped"] == 3 and server.requests() == []
