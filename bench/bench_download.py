@@ -1,0 +1,826 @@
+"""Download benchmarks: fetcher against curl, wget2, aria2c, parfive and plain requests.
+
+Run from the repository root::
+
+    python bench/bench_download.py                 # every suite, default sizes
+    python bench/bench_download.py small --rounds 5
+    python bench/bench_download.py --quick         # smaller sizes, fewer rounds
+
+Suites: small, bigfile, big4, split, urllist (see bench/README.md). Each timed
+run gets a fresh empty output directory; within a round the tools run one after
+another, and the starting tool rotates from round to round; the first round is
+a warm-up and is discarded; a run that fails (exit code, timeout, a missing or
+wrong file) marks the tool failed and is never timed. Tables go to stdout, JSON
+to ``bench/results/<suite>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common
+from common import GiB, KiB, MiB
+
+SUITES = ("small", "bigfile", "big4", "split", "urllist")
+URLLIST_DEFAULT = 100_000  # lines in a default run; 1,000,000 takes ~15 min (see README)
+
+# A plain thread pool of requests sessions: what a Python user writes first.
+REQUESTS_SCRIPT = """
+import os, sys, threading
+from concurrent.futures import ThreadPoolExecutor
+import requests
+lst, out, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+local = threading.local()
+def get(url):
+    s = getattr(local, "s", None)
+    if s is None:
+        s = local.s = requests.Session()
+    with s.get(url, stream=True, timeout=60) as r:
+        r.raise_for_status()
+        with open(os.path.join(out, url.rsplit("/", 1)[1]), "wb") as f:
+            for chunk in r.iter_content(1 << 16):
+                f.write(chunk)
+with open(lst) as fh:
+    urls = [line.strip() for line in fh if line.strip()]
+with ThreadPoolExecutor(n) as ex:
+    for _ in ex.map(get, urls):
+        pass
+"""
+
+# parfive with max_conn workers, one connection per file (max_splits=1) so the
+# connection count matches the other tools; 64 KiB chunks instead of 1 KiB.
+PARFIVE_SCRIPT = """
+import sys
+from parfive import Downloader, SessionConfig
+lst, out, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+dl = Downloader(max_conn=n, max_splits=1, progress=False, overwrite=True,
+                config=SessionConfig(file_progress=False, chunksize=65536))
+with open(lst) as fh:
+    for line in fh:
+        if line.strip():
+            dl.enqueue_file(line.strip(), path=out)
+res = dl.download()
+if res.errors:
+    print(f"{len(res.errors)} failed, e.g. {res.errors[0]}", file=sys.stderr)
+    sys.exit(1)
+"""
+
+
+# --------------------------------------------------------------------------- model
+
+
+@dataclasses.dataclass
+class Ctx:
+    """What a tool's command line is built from, for one suite."""
+
+    list_path: Path  # URL list, one URL per line
+    urls: list[str]
+    out: Path  # the tool's output directory (emptied before each run)
+    workers: int
+
+
+@dataclasses.dataclass
+class Tool:
+    name: str
+    build: Callable[[Ctx], list[str]]
+    check: Callable[[], str | None]  # None when usable, else why not
+    version: Callable[[], str]
+    prepare: Callable[[Ctx], None] | None = None  # e.g. write a curl config
+
+
+@dataclasses.dataclass
+class ToolResult:
+    name: str
+    status: str = "ok"  # ok | failed | not available
+    reason: str = ""
+    version: str = ""
+    cmd: list[str] = dataclasses.field(default_factory=list)
+    walls: list[float] = dataclasses.field(default_factory=list)
+    cpus: list[float] = dataclasses.field(default_factory=list)
+    users: list[float] = dataclasses.field(default_factory=list)
+    syss: list[float] = dataclasses.field(default_factory=list)
+    rss: list[float] = dataclasses.field(default_factory=list)
+    warmup_walls: list[float] = dataclasses.field(default_factory=list)
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def median_wall(self) -> float | None:
+        return common.median(self.walls) if self.status == "ok" else None
+
+    def as_dict(self, total_bytes: int, files: int, baseline: float | None) -> dict[str, Any]:
+        wall = self.median_wall
+        ok = self.status == "ok"
+        return {
+            "tool": self.name,
+            "status": self.status,
+            "reason": self.reason,
+            "version": self.version,
+            "cmd": self.cmd,
+            "walls_s": [round(w, 4) for w in self.walls],
+            "warmup_walls_s": [round(w, 4) for w in self.warmup_walls],
+            "median_wall_s": wall,
+            "min_wall_s": min(self.walls) if ok and self.walls else None,
+            "median_cpu_s": common.median(self.cpus) if ok else None,
+            "median_user_s": common.median(self.users) if ok else None,
+            "median_sys_s": common.median(self.syss) if ok else None,
+            "peak_rss_mib": max(self.rss)
+            if self.rss and (ok or "rss_on_failure" in self.extra)
+            else None,
+            "throughput_mb_s": (total_bytes / wall / 1e6) if wall and total_bytes else None,
+            "files_per_s": (files / wall) if wall and files else None,
+            # > 1: fetcher is faster than this tool (this tool's time / fetcher's time)
+            "fetcher_speedup": (wall / baseline) if wall and baseline else None,
+            **self.extra,
+        }
+
+
+# --------------------------------------------------------------------------- tools
+
+
+def _which(name: str, apt: str) -> Callable[[], str | None]:
+    def check() -> str | None:
+        return None if common.ensure_command(name, apt) else f"{name} not installed"
+
+    return check
+
+
+def _module(mod: str, pip: str) -> Callable[[], str | None]:
+    def check() -> str | None:
+        return None if common.ensure_module(mod, pip) else f"python module {mod} not installed"
+
+    return check
+
+
+_FETCHER_HELP: list[str | None] = []
+
+
+def _fetcher_help() -> str | None:
+    if not _FETCHER_HELP:
+        _FETCHER_HELP.append(common.fetcher_get_help())
+    return _FETCHER_HELP[0]
+
+
+def _fetcher_check(*needs: str) -> Callable[[], str | None]:
+    def check() -> str | None:
+        text = _fetcher_help()
+        if text is None:
+            return f"`{' '.join(common.fetcher_cmd()[-2:])} get --help` fails"
+        missing = [opt for opt in needs if opt not in text]
+        return f"fetcher get has no {', '.join(missing)}" if missing else None
+
+    return check
+
+
+def _fetcher_version() -> str:
+    out = subprocess.run(
+        [sys.executable, "-c", "import fetcher; print(getattr(fetcher, '__version__', '?'))"],
+        capture_output=True,
+        text=True,
+        cwd=common.REPO_ROOT,
+    )
+    sha = subprocess.run(
+        ["git", "-C", str(common.REPO_ROOT), "rev-parse", "--short", "HEAD"],
+        capture_output=True,
+        text=True,
+    )
+    return f"fetcher {out.stdout.strip() or '?'} @ {sha.stdout.strip() or '?'}"
+
+
+def fetcher_tool(name: str = "fetcher", *extra: str, threads: bool = True) -> Tool:
+    def build(c: Ctx) -> list[str]:
+        cmd = [*common.fetcher_cmd(), "get", str(c.list_path), "-o", str(c.out)]
+        if threads:
+            cmd += ["--threads", str(c.workers)]
+        return [*cmd, *extra, "--quiet"]
+
+    needs = ("--threads", "--quiet", *[e for e in extra if e.startswith("--")])
+    return Tool(name, build, _fetcher_check(*needs), _fetcher_version)
+
+
+def _curl_config(c: Ctx) -> Path:
+    return c.list_path.with_name(f"{c.list_path.stem}.{c.out.name}.curlrc")
+
+
+def _curl_prepare(c: Ctx) -> None:
+    common.write_curl_config(_curl_config(c), ((u, c.out / u.rsplit("/", 1)[1]) for u in c.urls))
+
+
+def curl_parallel_tool(name: str = "curl") -> Tool:
+    def build(c: Ctx) -> list[str]:
+        return [
+            "curl",
+            "--parallel",
+            "--parallel-max",
+            str(c.workers),
+            "--parallel-immediate",
+            "--fail",
+            "--silent",
+            "--show-error",
+            "--config",
+            str(_curl_config(c)),
+        ]
+
+    return Tool(
+        name,
+        build,
+        _which("curl", "curl"),
+        lambda: common.tool_version(["curl", "--version"]),
+        prepare=_curl_prepare,
+    )
+
+
+def curl_single_tool(name: str = "curl") -> Tool:
+    def build(c: Ctx) -> list[str]:
+        (url,) = c.urls
+        out = str(c.out / url.rsplit("/", 1)[1])
+        return ["curl", "--fail", "--silent", "--show-error", "-o", out, url]
+
+    return Tool(
+        name, build, _which("curl", "curl"), lambda: common.tool_version(["curl", "--version"])
+    )
+
+
+def wget2_tool() -> Tool:
+    def build(c: Ctx) -> list[str]:
+        return [
+            "wget2",
+            f"--max-threads={c.workers}",
+            "-i",
+            str(c.list_path),
+            "-P",
+            str(c.out),
+            "-q",
+            "--no-robots",
+            "--config=/dev/null",
+        ]
+
+    return Tool(
+        "wget2",
+        build,
+        _which("wget2", "wget2"),
+        lambda: common.tool_version(["wget2", "--version"]),
+    )
+
+
+def aria2c_tool(name: str = "aria2c", *extra: str) -> Tool:
+    def build(c: Ctx) -> list[str]:
+        return [
+            "aria2c",
+            f"-j{c.workers}",
+            "-i",
+            str(c.list_path),
+            "-d",
+            str(c.out),
+            "--no-conf",
+            "--quiet",
+            "--console-log-level=error",
+            "--summary-interval=0",
+            "--download-result=hide",
+            "--allow-overwrite=true",
+            "--auto-file-renaming=false",
+            *extra,
+        ]
+
+    return Tool(
+        name,
+        build,
+        _which("aria2c", "aria2"),
+        lambda: common.tool_version(["aria2c", "--version"]),
+    )
+
+
+def python_script_tool(name: str, script: str, module: str, pip: str) -> Tool:
+    def build(c: Ctx) -> list[str]:
+        return [sys.executable, "-c", script, str(c.list_path), str(c.out), str(c.workers)]
+
+    def version() -> str:
+        p = subprocess.run(
+            [sys.executable, "-c", f"import {module}; print({module}.__version__)"],
+            capture_output=True,
+            text=True,
+        )
+        return f"{module} {p.stdout.strip() or '?'}"
+
+    return Tool(name, build, _module(module, pip), version)
+
+
+def parfive_tool() -> Tool:
+    return python_script_tool("parfive", PARFIVE_SCRIPT, "parfive", "parfive")
+
+
+def requests_tool() -> Tool:
+    return python_script_tool("requests-pool", REQUESTS_SCRIPT, "requests", "requests")
+
+
+# --------------------------------------------------------------------------- runner
+
+
+@dataclasses.dataclass
+class Settings:
+    work: Path
+    rounds: int | None
+    warmup: int
+    quick: bool
+    only: set[str] | None
+    urllist_lines: int | None
+    timeout: float | None
+    meter: common.CpuMeter | None = None  # restarted for each suite
+
+
+def _fmt(v: float | None, spec: str = ".3f") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def print_table(title: str, rows: list[dict[str, Any]], rate: str | None) -> None:
+    """``rate``: an extra column, "MB/s" or "files/s" (or None)."""
+    headers = ["tool", "status", "median s", "min s", "fetcher speed-up", "CPU s", "peak RSS MiB"]
+    if rate:
+        headers.insert(4, rate)
+    table = []
+    for r in rows:
+        status = r["status"] if r["status"] == "ok" else f"{r['status']}: {r['reason']}"[:48]
+        line = [
+            r["tool"],
+            status,
+            _fmt(r["median_wall_s"]),
+            _fmt(r["min_wall_s"]),
+            _fmt(r["fetcher_speedup"], ".2f") + ("x" if r["fetcher_speedup"] else ""),
+            _fmt(r["median_cpu_s"], ".2f"),
+            _fmt(r["peak_rss_mib"], ".1f"),
+        ]
+        if rate:
+            key = "throughput_mb_s" if rate == "MB/s" else "files_per_s"
+            line.insert(4, _fmt(r[key], ".0f"))
+        table.append(line)
+    widths = [max(len(h), *(len(t[i]) for t in table)) for i, h in enumerate(headers)]
+    print(f"\n== {title}")
+    print("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)))
+    print("  ".join("-" * w for w in widths))
+    for t in table:
+        print("  ".join(c.ljust(w) for c, w in zip(t, widths, strict=True)))
+
+
+def ratio_lines(rows: list[dict[str, Any]], base_name: str) -> list[str]:
+    base = next((r for r in rows if r["tool"] == base_name), None)
+    if base is None or base["median_wall_s"] is None:
+        return [f"{base_name}: no timing, so no ratios"]
+    lines = []
+    for r in rows:
+        if r["tool"] == base_name or r["median_wall_s"] is None:
+            continue
+        ratio = r["median_wall_s"] / base["median_wall_s"]
+        times = f"({base['median_wall_s']:.3f} s vs {r['median_wall_s']:.3f} s)"
+        if abs(ratio - 1) < 0.03:
+            lines.append(f"{base_name} is as fast as {r['tool']}, within 3% {times}")
+        elif ratio >= 1:
+            lines.append(f"{base_name} is {ratio:.2f}x faster than {r['tool']} {times}")
+        else:
+            lines.append(f"{base_name} is {1 / ratio:.2f}x slower than {r['tool']} {times}")
+    return lines
+
+
+def run_rounds(
+    suite: str,
+    tools: list[Tool],
+    *,
+    list_path: Path,
+    urls: list[str],
+    expected: Sequence[Path],
+    workers: int,
+    settings: Settings,
+    rounds: int,
+    timeout: float,
+) -> list[ToolResult]:
+    """Warm-up + ``rounds`` timed rounds; tools alternate, start rotates per round."""
+    results = {t.name: ToolResult(t.name) for t in tools}
+    active: list[Tool] = []
+    for t in tools:
+        r = results[t.name]
+        if settings.only and t.name.split()[0] not in settings.only | {"fetcher"}:
+            r.status, r.reason = "not available", "excluded by --only"
+            continue
+        why = t.check()
+        if why:
+            r.status, r.reason = "not available", why
+            common.log(f"{suite}: {t.name}: {why}")
+            continue
+        r.version = t.version()
+        active.append(t)
+    ctxs = {
+        t.name: Ctx(list_path, urls, settings.work / "out" / suite / _slug(t.name), workers)
+        for t in active
+    }
+    for t in active:
+        if t.prepare:
+            t.prepare(ctxs[t.name])
+    total = settings.warmup + rounds
+    for rnd in range(total):
+        live = [t for t in active if results[t.name].status == "ok"]
+        if not live:
+            break
+        k = rnd % len(live)
+        for t in live[k:] + live[:k]:
+            res, ctx = results[t.name], ctxs[t.name]
+            common.empty_dir(ctx.out)
+            os.sync()
+            cmd = t.build(ctx)
+            res.cmd = cmd
+            tag = "warm-up" if rnd < settings.warmup else f"round {rnd - settings.warmup + 1}"
+            timed = common.run_timed(cmd, timeout=timeout, cwd=common.REPO_ROOT)
+            problem = None
+            if timed.timed_out:
+                problem = f"timed out after {timeout:.0f} s"
+            elif timed.returncode != 0:
+                problem = f"exit {timed.returncode}: {timed.stderr_tail[-300:]}"
+            else:
+                problem = common.verify_by_name(ctx.out, expected)
+            common.log(
+                f"{suite} {tag}: {t.name:<18} {timed.wall_s:8.3f} s  cpu {timed.cpu_s:6.2f} s  "
+                f"rss {timed.peak_rss_mib:7.1f} MiB  {problem or 'ok'}"
+            )
+            if problem:
+                res.status, res.reason = "failed", problem
+            elif rnd < settings.warmup:
+                res.warmup_walls.append(timed.wall_s)
+            else:
+                res.walls.append(timed.wall_s)
+                res.cpus.append(timed.cpu_s)
+                res.users.append(timed.user_s)
+                res.syss.append(timed.sys_s)
+                res.rss.append(timed.peak_rss_mib)
+            common.empty_dir(ctx.out)
+    for t in active:
+        shutil.rmtree(ctxs[t.name].out, ignore_errors=True)
+    return [results[t.name] for t in tools]
+
+
+def _slug(name: str) -> str:
+    return "".join(ch if ch.isalnum() else "_" for ch in name).strip("_")
+
+
+def finish(
+    suite: str,
+    results: list[ToolResult],
+    *,
+    base_name: str,
+    total_bytes: int,
+    files: int = 0,
+    params: dict[str, Any],
+    settings: Settings,
+    rounds: int,
+    rate: str | None,
+    targets: Sequence[tuple[str, str, float]] = (),
+    notes: Sequence[str] = (),
+) -> dict[str, Any]:
+    base = next((r for r in results if r.name == base_name), None)
+    baseline = base.median_wall if base else None
+    rows = [r.as_dict(total_bytes, files, baseline) for r in results]
+    summary = ratio_lines(rows, base_name) if base_name else []
+    target_rows = []
+    for tool, label, limit in targets:
+        row = next((r for r in rows if r["tool"] == tool), None)
+        value = row["peak_rss_mib"] if row else None
+        verdict = "n/a" if value is None else ("PASS" if value < limit else "FAIL")
+        target_rows.append({"tool": tool, "target": label, "value_mib": value, "verdict": verdict})
+        summary.append(
+            f"target {tool} {label}: {verdict}" + ("" if value is None else f" ({value:.1f} MiB)")
+        )
+    load = settings.meter.report() if settings.meter else {}
+    if load.get("busy"):
+        summary.append(
+            f"WARNING: other processes used {load['foreign_cpu_share']:.0%} of the machine's "
+            "CPU during this suite: wall times are noisy; compare min s and CPU s too"
+        )
+    title = f"{suite}: " + ", ".join(f"{k}={v}" for k, v in params.items())
+    title += f"; {rounds} timed round{'s' * (rounds != 1)} + {settings.warmup} warm-up"
+    print_table(title, rows, rate)
+    for line in [*summary, *notes]:
+        print(f"  {line}")
+    data = {
+        "suite": suite,
+        "quick": settings.quick,
+        "params": params,
+        "rounds": rounds,
+        "warmup": settings.warmup,
+        "baseline": base_name,
+        "machine": common.machine_info(),
+        "neighbours": load,
+        "tools": rows,
+        "summary": summary,
+        "targets": target_rows,
+        "notes": list(notes),
+    }
+    path = common.write_json(common.RESULTS_DIR / f"{suite}.json", data)
+    common.log(f"wrote {path}")
+    return data
+
+
+# --------------------------------------------------------------------------- suites
+
+
+def suite_small(ng: common.Nginx, s: Settings) -> dict[str, Any]:
+    count, size, workers = (300 if s.quick else 2000), 10 * KiB, 16
+    rounds = s.rounds or (2 if s.quick else 5)
+    files = common.make_file_set(ng.root / "small", count, size)
+    urls = [f"{ng.base_url}/small/{p.name}" for p in files]
+    lst = common.write_lines(s.work / "lists" / "small.txt", urls)
+    tools = [
+        fetcher_tool(),
+        curl_parallel_tool(),
+        wget2_tool(),
+        aria2c_tool(),
+        parfive_tool(),
+        requests_tool(),
+    ]
+    results = run_rounds(
+        "small", tools, list_path=lst, urls=urls, expected=files, workers=workers,
+        settings=s, rounds=rounds, timeout=s.timeout or 300,
+    )  # fmt: skip
+    return finish(
+        "small",
+        results,
+        base_name="fetcher",
+        total_bytes=count * size,
+        files=count,
+        params={"files": count, "size": "10 KiB", "workers": workers},
+        settings=s,
+        rounds=rounds,
+        rate="files/s",
+        notes=[
+            f"every tool runs {workers} concurrent transfers "
+            "(aria2c: -j16 with its default -x1 = one connection per download)",
+            "parfive: max_conn=16, max_splits=1 (it still sends HEAD then GET per file)",
+        ],
+    )
+
+
+def suite_bigfile(ng: common.Nginx, s: Settings) -> dict[str, Any]:
+    size = 128 * MiB if s.quick else GiB
+    rounds = s.rounds or (2 if s.quick else 5)
+    path = common.make_big_file(ng.root / "big" / f"big{size // MiB}m.bin", size)
+    urls = [f"{ng.base_url}/big/{path.name}"]
+    lst = common.write_lines(s.work / "lists" / "bigfile.txt", urls)
+    tools = [fetcher_tool(threads=False), curl_single_tool(), requests_tool()]
+    results = run_rounds(
+        "bigfile", tools, list_path=lst, urls=urls, expected=[path], workers=1,
+        settings=s, rounds=rounds, timeout=s.timeout or 300,
+    )  # fmt: skip
+    return finish(
+        "bigfile",
+        results,
+        base_name="fetcher",
+        total_bytes=size,
+        params={"size": f"{size // MiB} MiB"},
+        settings=s,
+        rounds=rounds,
+        rate="MB/s",
+        targets=[("fetcher", "peak RSS < 100 MiB", 100.0)],
+        notes=["requests-pool: one requests session, iter_content(64 KiB), for a Python floor"],
+    )
+
+
+def suite_big4(ng: common.Nginx, s: Settings) -> dict[str, Any]:
+    size, workers = (32 * MiB if s.quick else 256 * MiB), 4
+    rounds = s.rounds or (2 if s.quick else 3)
+    files = [
+        common.make_big_file(ng.root / "big4" / f"part{i}-{size // MiB}m.bin", size, seed=10 + i)
+        for i in range(4)
+    ]
+    urls = [f"{ng.base_url}/big4/{p.name}" for p in files]
+    lst = common.write_lines(s.work / "lists" / "big4.txt", urls)
+    tools = [fetcher_tool(), curl_parallel_tool(), aria2c_tool()]
+    results = run_rounds(
+        "big4", tools, list_path=lst, urls=urls, expected=files, workers=workers,
+        settings=s, rounds=rounds, timeout=s.timeout or 300,
+    )  # fmt: skip
+    return finish(
+        "big4",
+        results,
+        base_name="fetcher",
+        total_bytes=4 * size,
+        params={"files": 4, "size": f"{size // MiB} MiB", "workers": workers},
+        settings=s,
+        rounds=rounds,
+        rate="MB/s",
+    )
+
+
+def suite_split(ng: common.Nginx, s: Settings) -> dict[str, Any]:
+    size = 64 * MiB if s.quick else 512 * MiB
+    rounds = s.rounds or (1 if s.quick else 2)
+    path = common.make_big_file(ng.root / "split" / f"split{size // MiB}m.bin", size, seed=3)
+    urls = [f"{ng.base_url}/slow/split/{path.name}"]
+    lst = common.write_lines(s.work / "lists" / "split.txt", urls)
+    tools = [
+        fetcher_tool("fetcher --split 4", "--split", "4", threads=False),
+        fetcher_tool("fetcher 1 conn", threads=False),
+        aria2c_tool("aria2c -x4 -s4", "-x4", "-s4", "--min-split-size=1M"),
+        curl_single_tool("curl 1 conn"),
+    ]
+    rate = 20 * MiB  # nginx "20m" = 20 MiB/s per connection
+    timeout = s.timeout or (size / rate * 2 + 60)
+    results = run_rounds(
+        "split", tools, list_path=lst, urls=urls, expected=[path], workers=1,
+        settings=s, rounds=rounds, timeout=timeout,
+    )  # fmt: skip
+    return finish(
+        "split",
+        results,
+        base_name="fetcher --split 4",
+        total_bytes=size,
+        params={"size": f"{size // MiB} MiB", "limit_rate": f"{ng.slow_rate}/connection"},
+        settings=s,
+        rounds=rounds,
+        rate="MB/s",
+        notes=[
+            f"one connection is capped at {rate // MiB} MiB/s: {size / rate:.1f} s is the "
+            f"floor for 1 connection, {size / rate / 4:.1f} s for 4",
+        ],
+    )
+
+
+def _urllist_run(
+    tool: Tool, lst: Path, out: Path, lines: int, name: str, timeout: float
+) -> ToolResult:
+    """One measured ``fetcher get`` over ``lst`` into ``out`` (not emptied here)."""
+    res = ToolResult(name, version=tool.version())
+    res.cmd = tool.build(Ctx(lst, [], out, 16))
+    os.sync()
+    timed = common.run_timed(res.cmd, timeout=timeout, cwd=common.REPO_ROOT)
+    problem = None
+    if timed.timed_out:
+        problem = f"timed out after {timeout:.0f} s"
+    elif timed.returncode != 0:
+        problem = f"exit {timed.returncode}: {timed.stderr_tail[-300:]}"
+    else:
+        n_files = sum(1 for _ in common.iter_output_files(out))
+        if n_files != lines:
+            problem = f"{n_files} files on disk, expected {lines}"
+    common.log(
+        f"urllist {name}: {timed.wall_s:.1f} s cpu {timed.cpu_s:.1f} s "
+        f"rss {timed.peak_rss_mib:.1f} MiB {problem or 'ok'}"
+    )
+    res.rss.append(timed.peak_rss_mib)
+    res.extra["lines"] = lines
+    if problem:
+        res.status, res.reason = "failed", problem
+        res.extra["wall_s_until_stop"] = timed.wall_s
+        res.extra["rss_on_failure"] = True  # reported even on timeout: memory is the point
+        return res
+    res.walls.append(timed.wall_s)
+    res.cpus.append(timed.cpu_s)
+    res.users.append(timed.user_s)
+    res.syss.append(timed.sys_s)
+    res.extra["urls_per_s"] = lines / timed.wall_s
+    return res
+
+
+def suite_urllist(ng: common.Nginx, s: Settings) -> dict[str, Any]:
+    """fetcher's peak RSS and wall time while streaming an N-line URL list.
+
+    Every URL is distinct and real: nginx answers ``/t/...`` with a 1-byte body
+    without touching its disk, so what is measured is fetcher's per-URL cost
+    (parse, name, request, write a file, a manifest line) and whatever memory it
+    keeps per URL. Three runs, no warm-up (this suite is about memory):
+
+    1. fresh, N/10 lines (for the growth slope);
+    2. fresh, N lines;
+    3. the identical command again in the same dir: the manifest records all N
+       complete, so nothing is requested (the re-run path).
+
+    Peak RSS growth per line between runs 1 and 2 gives a projection to 1,000,000
+    lines when N is smaller (labelled as a projection, not a measurement).
+    """
+    lines = s.urllist_lines or (20_000 if s.quick else URLLIST_DEFAULT)
+    small_lines = max(1, lines // 10)
+    timeout = s.timeout or (120 if s.quick else 1500)
+    tool = fetcher_tool()
+    why = tool.check()
+    out = s.work / "out" / "urllist" / "fetcher"
+    base = f"{ng.base_url}/t"
+    lst_small, lst = (s.work / "lists" / f"urllist-{n}.txt" for n in (small_lines, lines))
+    names = (
+        f"fetcher fresh {small_lines:,}",
+        f"fetcher fresh {lines:,}",
+        f"fetcher re-run {lines:,}",
+    )
+    results: list[ToolResult] = []
+    if why:
+        results = [ToolResult(n, status="not available", reason=why) for n in names]
+    else:
+        # /t/NNN/uNNNNNNN: 10,000 files per directory, like a real mirror tree.
+        common.write_lines(
+            lst_small, (f"{base}/s{i // 10000:03d}/u{i:07d}" for i in range(small_lines))
+        )
+        common.write_lines(lst, (f"{base}/{i // 10000:03d}/u{i:07d}" for i in range(lines)))
+        common.empty_dir(out)
+        results.append(_urllist_run(tool, lst_small, out, small_lines, names[0], timeout))
+        common.empty_dir(out)
+        results.append(_urllist_run(tool, lst, out, lines, names[1], timeout))
+        if results[-1].status == "ok":
+            results.append(_urllist_run(tool, lst, out, lines, names[2], timeout))
+        else:
+            results.append(ToolResult(names[2], status="failed", reason="fresh run failed"))
+        t0 = time.perf_counter()
+        common.remove_tree(out)
+        common.log(f"urllist: removed {lines:,} output files in {time.perf_counter() - t0:.1f} s")
+        for p in (lst_small, lst):
+            p.unlink(missing_ok=True)
+    notes = [
+        f"{lines:,} distinct URLs, each a real 1-byte 200 from nginx (/t/...), 16 threads; "
+        "one run each, no warm-up: this suite measures memory, not speed",
+    ]
+    for r in results:
+        if r.status == "ok":
+            notes.append(f"{r.name}: {r.extra['urls_per_s']:,.0f} URLs/s")
+    r_small, r_big = results[0], results[1]
+    projection = None
+    if r_small.rss and r_big.rss and r_big.status == "ok" and lines > small_lines:
+        per_line = (r_big.rss[0] - r_small.rss[0]) * MiB / (lines - small_lines)
+        projection = r_big.rss[0] + per_line * (1_000_000 - lines) / MiB
+        notes.append(
+            f"peak RSS growth: {per_line:,.0f} bytes per line ({small_lines:,} -> {lines:,} lines)"
+        )
+        if lines < 1_000_000:
+            notes.append(
+                f"scaled down from 1,000,000 lines (--urllist-lines {lines}); "
+                f"linear PROJECTION to 1,000,000 lines: {projection:.0f} MiB "
+                "(run --urllist-lines 1000000 to measure it)"
+            )
+    data = finish(
+        "urllist",
+        results,
+        base_name="",
+        total_bytes=0,
+        params={"lines": lines, "workers": 16},
+        settings=dataclasses.replace(s, warmup=0),
+        rounds=1,
+        rate=None,
+        targets=[(names[1], "peak RSS < 200 MiB", 200.0), (names[2], "peak RSS < 200 MiB", 200.0)],
+        notes=notes,
+    )
+    data["projection_1m_rss_mib"] = projection
+    common.write_json(common.RESULTS_DIR / "urllist.json", data)
+    return data
+
+
+RUNNERS: dict[str, Callable[[common.Nginx, Settings], dict[str, Any]]] = {
+    "small": suite_small,
+    "bigfile": suite_bigfile,
+    "big4": suite_big4,
+    "split": suite_split,
+    "urllist": suite_urllist,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("suites", nargs="*", metavar="SUITE",
+                    help=f"any of {', '.join(SUITES)}, or all (default: all)")  # fmt: skip
+    ap.add_argument("--rounds", type=int, help="timed rounds per suite (default per suite)")
+    ap.add_argument("--warmup", type=int, default=1, help="discarded warm-up rounds (default 1)")
+    ap.add_argument("--quick", action="store_true", help="smaller sizes and fewer rounds")
+    ap.add_argument("--only", help="comma-separated tools to run besides fetcher")
+    ap.add_argument("--urllist-lines", type=int, help="lines in the urllist suite")
+    ap.add_argument("--timeout", type=float, help="per-run timeout in seconds")
+    ap.add_argument("--work", type=Path, default=common.DEFAULT_WORK, help="work directory")
+    args = ap.parse_args(argv)
+    unknown = [x for x in args.suites if x not in (*SUITES, "all")]
+    if unknown:
+        ap.error(f"unknown suite {', '.join(unknown)} (choose from {', '.join(SUITES)}, all)")
+    suites = [x for x in SUITES if x in args.suites or "all" in args.suites or not args.suites]
+    settings = Settings(
+        work=args.work.resolve(),
+        rounds=args.rounds,
+        warmup=args.warmup,
+        quick=args.quick,
+        only=set(args.only.split(",")) if args.only else None,
+        urllist_lines=args.urllist_lines,
+        timeout=args.timeout,
+    )
+    t0 = time.perf_counter()
+    data_root = settings.work / "data"
+    data_root.mkdir(parents=True, exist_ok=True)
+    with common.Nginx(root=data_root, work=settings.work) as ng:
+        for name in suites:
+            t1 = time.perf_counter()
+            settings.meter = common.CpuMeter(ng.proc.pid if ng.proc else None)
+            RUNNERS[name](ng, settings)
+            common.log(f"{name}: done in {time.perf_counter() - t1:.0f} s")
+    common.log(f"all done in {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
