@@ -36,6 +36,7 @@ from .errors import (
 from .http import HttpClient, Response, host_of, raise_for_status, redact
 from .models import Result
 from .naming import safe_join
+from .segments import SplitDownload, plan, split_validator
 
 PARTIAL_DIR = Path(".fetcher") / "partial"
 _READ_BUF = 1024 * 1024
@@ -266,6 +267,11 @@ def _attempt(ctx: RunContext, client: HttpClient, url: str, shown: str, host: st
     cfg = ctx.config
     offset, validator = 0, ""
     if part.name in ctx.partials or part.exists():
+        resumed = SplitDownload.resumable(ctx, url, shown, part, meta)
+        if resumed is not None:  # an earlier run's segmented transfer: finish its segments
+            with ctx.gate.slot(host):
+                size, digest = resumed.run()
+            return _Transfer(size, digest, 206, rel, sidecar=True)
         offset, validator = _resume_point(part, meta, url)
     headers: dict[str, str] = {}
     if offset:
@@ -296,6 +302,11 @@ def _attempt(ctx: RunContext, client: HttpClient, url: str, shown: str, host: st
                 raise TransportError(f"{shown}: unexpected HTTP {resp.status}", url=shown)
             if retarget is not None:
                 rel = retarget(resp.headers.get("Content-Disposition"))
+            if not offset and total and (strong := split_validator(cfg, resp, total)):
+                segments = plan(total, cfg.split)
+                split = SplitDownload(ctx, url, shown, part, meta, total, strong, segments)
+                size, digest = split.run(first=resp)
+                return _Transfer(size, digest, resp.status, rel, sidecar=True)
             # Small bodies get no resume sidecar: re-fetching them is cheaper than the
             # extra file writes, which dominate the cost of many small downloads.
             sidecar = total is None or total > RESUME_MIN_BYTES

@@ -53,11 +53,17 @@ class _Handler(BaseHTTPRequestHandler):
         with srv.lock:
             srv.active += 1
             srv.max_active = max(srv.max_active, srv.active)
+        self._counted = True
         try:
             self._get()
         finally:
-            with srv.lock:
-                srv.active -= 1
+            self._finished()
+
+    def _finished(self) -> None:
+        if self._counted:
+            self._counted = False
+            with self.server.lock:
+                self.server.active -= 1
 
     def _get(self) -> None:
         srv = self.server
@@ -132,6 +138,8 @@ class _Handler(BaseHTTPRequestHandler):
                 step = max(1, route.slow_bps // 10)
                 for i in range(0, len(body), step):
                     time.sleep(0.1)
+                    if i + step >= len(body):
+                        self._finished()  # before the last byte: the client may go on
                     self.wfile.write(body[i:i + step])
                     self.wfile.flush()
                 return

@@ -270,3 +270,43 @@ def test_content_disposition_rerun_makes_no_request(server: TestServer, dest: Pa
     server.clear_log()
     again = fetch(urls, dest, content_disposition=True)
     assert again.counts["skipped"] == 3 and server.requests() == []
+
+
+def test_split_fetches_segments_in_parallel_and_verifies(server: TestServer,
+                                                         dest: Path) -> None:
+    body = os.urandom(2_000_000)
+    url = server.add("/large.bin", body, slow_bps=1_000_000)
+    digest = hashlib.sha256(body).hexdigest()
+    report = fetch([{"url": url, "sha256": digest}], dest, split=4, split_min_size=100_000)
+    assert report.ok, report.failures
+    assert (dest / "large.bin").read_bytes() == body
+    ranges = sorted(h.get("Range", "") for _, h in server.requests("/large.bin"))
+    assert ranges == ["", "bytes=1000000-1499999", "bytes=1500000-1999999",
+                      "bytes=500000-999999"]
+    assert server.max_active >= 3  # the segments really ran at the same time
+
+
+def test_split_segment_cut_is_retried_and_small_files_are_not_split(
+        server: TestServer, dest: Path) -> None:
+    body = os.urandom(1_000_000)
+    url = server.add("/seg.bin", body)
+    server.script("/seg.bin", "ok", "cut:1000")  # one of the segment requests breaks
+    small = server.add("/small.bin", b"s" * 1000)
+    report = fetch([url, small], dest, split=2, split_min_size=100_000, **FAST)
+    assert report.ok, report.failures
+    assert (dest / "seg.bin").read_bytes() == body
+    assert all("Range" not in h for _, h in server.requests("/small.bin"))
+
+
+def test_split_resumes_across_runs(server: TestServer, dest: Path) -> None:
+    body = os.urandom(3_000_000)
+    url = server.add("/resume.bin", body, slow_bps=600_000)
+    cancel = threading.Event()
+    threading.Timer(0.8, cancel.set).start()
+    first = fetch([url], dest, split=3, split_min_size=100_000, cancel=cancel)
+    assert first.interrupted
+    server.clear_log()
+    server.route("/resume.bin").slow_bps = None
+    again = fetch([url], dest, split=3, split_min_size=100_000)
+    assert again.ok and (dest / "resume.bin").read_bytes() == body
+    assert all(h.get("If-Range") for _, h in server.requests("/resume.bin"))
