@@ -203,6 +203,24 @@ def write(
         _err(", ".join(f"{k} {v}" for k, v in data.items()))
 
 
+@app.command()
+def demo(
+    name: Annotated[str, typer.Argument(help="io | cpu | overhead | pipeline | all")] = "all",
+    quick: Annotated[bool, typer.Option(help="Small sizes: 'all' finishes in under a minute.")] = False,
+    plot: Annotated[Path | None, typer.Option(help="Draw a chart: FILE.png (matplotlib) or FILE.html (plotly).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the measurements as JSON records.")] = False,
+) -> None:
+    """Measure I/O-bound and CPU-bound work sequentially, in threads and in processes."""
+    from .demos import cli_demo
+    from .errors import ConfigError
+
+    try:
+        code = cli_demo(name, quick=quick, plot=plot, as_json=as_json)
+    except ConfigError as exc:
+        _die(str(exc))
+    raise typer.Exit(code)
+
+
 def main() -> None:
     """Console entry point."""
     try:
