@@ -93,7 +93,7 @@ def _render(report: Report, *, as_json: bool, quiet: bool, what: str = "files") 
              + (f"; manifest {report.manifest}" if report.manifest else ""))
     if report.interrupted:
         return EXIT_INTERRUPTED
-    return EXIT_OK if not report.failures else EXIT_FAILED
+    return EXIT_OK if report.ok else EXIT_FAILED
 
 
 @app.command()
@@ -117,13 +117,14 @@ def get(
     post: Annotated[list[str] | None, typer.Option(help="Post-process: NAME[:ARGS] or package.module:function (repeatable, chained).")] = None,
     processes: Annotated[int | None, typer.Option(help="Post-processing processes (default: CPU count).")] = None,
     sink: Annotated[str | None, typer.Option(help="Also write every manifest record to this sink URL.")] = None,
+    sink_table: Annotated[str, typer.Option(help="Table (or shard prefix) the sink writes to.")] = "downloads",
     quiet: Annotated[bool, typer.Option("-q", "--quiet", help="No progress bar or summary.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout.")] = False,
 ) -> None:
     """Download every URL of a list concurrently, with retries, resume and a manifest."""
     from .config import FetchConfig
     from .downloader import Fetcher
-    from .errors import ConfigError
+    from .errors import ConfigError, SinkError
     from .progress import TqdmProgress
 
     try:
@@ -136,11 +137,12 @@ def get(
             verify=not insecure, keep_results=False,
         )
         fetcher = Fetcher(config, progress=TqdmProgress(disable=True if quiet else None),
-                          post=post or (), processes=processes, sink=sink)
+                          post=post or (), processes=processes, sink=sink,
+                          sink_table=sink_table)
         cancel = threading.Event()
         with _Interrupts(cancel):
             report = fetcher.run(urls, output, cancel=cancel)
-    except ConfigError as exc:
+    except (ConfigError, SinkError) as exc:  # a sink that cannot open: nothing downloaded
         _die(str(exc))
     raise typer.Exit(_render(report, as_json=as_json, quiet=quiet))
 

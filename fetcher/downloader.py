@@ -168,6 +168,7 @@ class _Run:
         self._window = threading.BoundedSemaphore(cfg.in_flight)
         self.pipeline: Any = None
         self.writer: Any = None
+        self._sink_failed = False
         self.published: ManifestWriter | None = None
         self.manifest: ManifestWriter | None = None
         self._ended = threading.Event()
@@ -196,12 +197,28 @@ class _Run:
             self.pipeline = stack.enter_context(
                 PostPipeline(self.fetcher.post, self.dest, processes=self.fetcher.processes))
         if self.fetcher.sink:
-            from .writers import ParallelWriter
+            from .writers import MANIFEST_SCHEMA, ParallelWriter, open_sink
 
-            self.writer = ParallelWriter(self.fetcher.sink, key="url",
-                                         table=self.fetcher.sink_table)
-            stack.callback(self.writer.close)
+            sink = open_sink(self.fetcher.sink, table=self.fetcher.sink_table)
+            # Database sinks upsert on url, so re-runs update rows instead of adding them;
+            # shard directories cannot upsert and get a new set of shards per run.
+            self.writer = ParallelWriter(
+                sink, key="url" if sink.supports_key else None, table=self.fetcher.sink_table,
+                schema=MANIFEST_SCHEMA, flush_interval=2.0)
+            stack.callback(self._close_sink)
         return manifest
+
+    def _close_sink(self) -> None:
+        from .errors import SinkError
+
+        try:
+            summary = self.writer.close()
+            self.report.sink = summary.as_dict()
+        except SinkError as exc:
+            if not self._sink_failed:
+                self.ctx.stop(f"sink failed: {exc}")
+        finally:
+            self.writer.sink.close()
 
     # -- the run -------------------------------------------------------------------------
     def execute(self, jobs: Iterable[Job], total: int | None) -> Report:
@@ -380,8 +397,14 @@ class _Run:
         record = result.record()
         assert self.manifest is not None
         self.manifest.write(record)
-        if self.writer is not None:
-            self.writer.write(record)
+        if self.writer is not None and not self._sink_failed:
+            from .errors import SinkError
+
+            try:
+                self.writer.write(record)
+            except SinkError as exc:  # the downloads are fine; the run stops loading
+                self._sink_failed = True
+                self.ctx.stop(f"sink failed: {exc}")
         with self._lock:
             self.report.add(result, keep=self.cfg.keep_results)
         self.progress.update(1, nbytes=result.bytes if result.status == "ok" else 0)

@@ -88,6 +88,8 @@ class Report:
     stopped: str | None = None
     """Why the run stopped starting new items early (a full disk), if it did."""
     manifest: str | None = None
+    sink: dict[str, Any] | None = None
+    """The sink writer's summary (rows, batches, seconds), when a sink was given."""
 
     def add(self, result: Result, *, keep: bool = True) -> None:
         """Count ``result``; keep it in ``results`` when ``keep`` (failures always kept)."""
@@ -100,8 +102,8 @@ class Report:
 
     @property
     def ok(self) -> bool:
-        """True when no item failed and the run was not interrupted."""
-        return not self.failures and not self.interrupted
+        """True when no item failed and the run ended normally (not interrupted or stopped)."""
+        return not self.failures and not self.interrupted and self.stopped is None
 
     @property
     def total(self) -> int:
@@ -122,7 +124,7 @@ class Report:
             "bytes_per_s": round(self.bytes / secs, 1) if secs > 0 else None,
             "files_per_s": round(self.counts["ok"] / secs, 1) if secs > 0 else None,
             "interrupted": self.interrupted, "stopped": self.stopped,
-            "manifest": self.manifest,
+            "manifest": self.manifest, "sink": self.sink,
         }
 
     def raise_for_failures(self) -> None:
