@@ -356,9 +356,10 @@ class ParallelWriter:
         """Add many records (any iterable, consumed lazily). Returns how many were added."""
         n = 0
         chunk: list[Record] = []
+        limit = min(4096, self._batch_size or 4096)
         for rec in records:
             chunk.append(rec if type(rec) is dict else as_record(rec))
-            if len(chunk) >= 4096:
+            if len(chunk) >= limit:
                 self._add_chunk(chunk)
                 n += len(chunk)
                 chunk = []

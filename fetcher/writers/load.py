@@ -169,6 +169,7 @@ class _Reader:
             end = reader.line_num
             rows_iter = iter(reader)
             convert: Callable[[int, list[str]], Record] | None = None
+            failure: _BadInput | None = None
             while True:
                 start = end + 1
                 try:
@@ -177,24 +178,42 @@ class _Reader:
                     break
                 except csv.Error as exc:
                     self.lines.note(row, start)
-                    raise self._bad(row, f"malformed CSV: {exc}") from exc
+                    failure = self._bad(row, f"malformed CSV: {exc}")
+                    break
                 end = reader.line_num
                 if not fields:  # blank line
                     continue
                 self.lines.note(row, start)
                 if len(fields) != width:
-                    raise self._bad(row, f"expected {width} fields, found {len(fields)}")
+                    failure = self._bad(row, f"expected {width} fields, found {len(fields)}")
+                    break
                 raw.append(fields)
                 row += 1
                 if convert is None and len(raw) >= INFER_ROWS:
                     convert = self._csv_converter(header, raw)
                 if convert is not None and len(raw) >= CHUNK:
-                    yield [convert(row - len(raw) + i, r) for i, r in enumerate(raw)]
+                    yield from self._converted(convert, raw, row - len(raw))
                     raw = []
             if raw:
                 if convert is None:
                     convert = self._csv_converter(header, raw)
-                yield [convert(row - len(raw) + i, r) for i, r in enumerate(raw)]
+                yield from self._converted(convert, raw, row - len(raw))
+            if failure is not None:
+                raise failure
+
+    @staticmethod
+    def _converted(convert: Callable[[int, list[str]], Record], raw: list[list[str]],
+                   first: int) -> Iterator[list[Record]]:
+        """Convert a chunk; on a bad value, yield the good rows before it, then raise."""
+        out: list[Record] = []
+        for i, fields in enumerate(raw):
+            try:
+                out.append(convert(first + i, fields))
+            except _BadInput:
+                if out:
+                    yield out
+                raise
+        yield out
 
     def _csv_converter(self, header: list[str],
                        sample: list[list[str]]) -> Callable[[int, list[str]], Record]:
@@ -221,6 +240,7 @@ class _Reader:
     def _jsonl(self) -> Iterator[list[Record]]:
         chunk: list[Record] = []
         row = 0
+        failure: _BadInput | None = None
         with self._open_text() as f:
             for lineno, line in enumerate(f, 1):
                 if not line.strip():
@@ -229,16 +249,20 @@ class _Reader:
                 try:
                     obj = json.loads(line)
                 except ValueError as exc:
-                    raise self._bad(row, f"invalid JSON: {exc}") from exc
+                    failure = self._bad(row, f"invalid JSON: {exc}")
+                    break
                 if not isinstance(obj, dict):
-                    raise self._bad(row, f"expected a JSON object, got {type(obj).__name__}")
+                    failure = self._bad(row, f"expected a JSON object, got {type(obj).__name__}")
+                    break
                 chunk.append(obj)
                 row += 1
                 if len(chunk) >= CHUNK:
                     yield chunk
                     chunk = []
         if chunk:
-            yield chunk
+            yield chunk  # the rows before a bad line still load
+        if failure is not None:
+            raise failure
 
     # -- Parquet -----------------------------------------------------------------------
     def _parquet(self) -> Iterator[list[Record]]:
@@ -390,8 +414,9 @@ def load_file(
     chunks = reader.chunks()
     try:
         first = next(chunks, None)
-    except _BadInput as exc:
-        raise InputRowError(exc.message, sink=redact_url(sink_url), row=exc.row) from None
+    except _BadInput as exc:  # the very first row is bad: nothing to load before it
+        raise InputRowError(exc.message, sink=redact_url(sink_url),
+                            batch=0 if exc.row is not None else None, row=exc.row) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read: {exc}") from exc
     writer = ParallelWriter(sink_url, workers=workers, batch_size=batch_size, key=key,
