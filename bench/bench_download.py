@@ -336,6 +336,14 @@ class Settings:
     urllist_lines: int | None
     timeout: float | None
     meter: common.CpuMeter | None = None  # restarted for each suite
+    outputs: common.OutputRoots | None = None
+
+    def out_root(self, need_bytes: int, params: dict[str, Any]) -> Path:
+        """The root for this suite's output dirs; records which kind in ``params``."""
+        assert self.outputs is not None
+        root, kind = self.outputs.pick(need_bytes)
+        params["output"] = kind
+        return root
 
 
 def _fmt(v: float | None, spec: str = ".3f") -> str:
@@ -401,6 +409,7 @@ def run_rounds(
     settings: Settings,
     rounds: int,
     timeout: float,
+    out_root: Path,
 ) -> list[ToolResult]:
     """Warm-up + ``rounds`` timed rounds; tools alternate, start rotates per round."""
     results = {t.name: ToolResult(t.name) for t in tools}
@@ -417,10 +426,7 @@ def run_rounds(
             continue
         r.version = t.version()
         active.append(t)
-    ctxs = {
-        t.name: Ctx(list_path, urls, settings.work / "out" / suite / _slug(t.name), workers)
-        for t in active
-    }
+    ctxs = {t.name: Ctx(list_path, urls, out_root / suite / _slug(t.name), workers) for t in active}
     for t in active:
         if t.prepare:
             t.prepare(ctxs[t.name])
@@ -543,9 +549,11 @@ def suite_small(ng: common.Nginx, s: Settings) -> dict[str, Any]:
         parfive_tool(),
         requests_tool(),
     ]
+    params: dict[str, Any] = {"files": count, "size": "10 KiB", "workers": workers}
+    out_root = s.out_root(common.files_footprint(count, size), params)
     results = run_rounds(
         "small", tools, list_path=lst, urls=urls, expected=files, workers=workers,
-        settings=s, rounds=rounds, timeout=s.timeout or 300,
+        settings=s, rounds=rounds, timeout=s.timeout or 300, out_root=out_root,
     )  # fmt: skip
     return finish(
         "small",
@@ -553,7 +561,7 @@ def suite_small(ng: common.Nginx, s: Settings) -> dict[str, Any]:
         base_name="fetcher",
         total_bytes=count * size,
         files=count,
-        params={"files": count, "size": "10 KiB", "workers": workers},
+        params=params,
         settings=s,
         rounds=rounds,
         rate="files/s",
@@ -572,16 +580,18 @@ def suite_bigfile(ng: common.Nginx, s: Settings) -> dict[str, Any]:
     urls = [f"{ng.base_url}/big/{path.name}"]
     lst = common.write_lines(s.work / "lists" / "bigfile.txt", urls)
     tools = [fetcher_tool(threads=False), curl_single_tool(), requests_tool()]
+    params: dict[str, Any] = {"size": f"{size // MiB} MiB"}
+    out_root = s.out_root(common.files_footprint(1, size), params)
     results = run_rounds(
         "bigfile", tools, list_path=lst, urls=urls, expected=[path], workers=1,
-        settings=s, rounds=rounds, timeout=s.timeout or 300,
+        settings=s, rounds=rounds, timeout=s.timeout or 300, out_root=out_root,
     )  # fmt: skip
     return finish(
         "bigfile",
         results,
         base_name="fetcher",
         total_bytes=size,
-        params={"size": f"{size // MiB} MiB"},
+        params=params,
         settings=s,
         rounds=rounds,
         rate="MB/s",
@@ -600,16 +610,18 @@ def suite_big4(ng: common.Nginx, s: Settings) -> dict[str, Any]:
     urls = [f"{ng.base_url}/big4/{p.name}" for p in files]
     lst = common.write_lines(s.work / "lists" / "big4.txt", urls)
     tools = [fetcher_tool(), curl_parallel_tool(), aria2c_tool()]
+    params: dict[str, Any] = {"files": 4, "size": f"{size // MiB} MiB", "workers": workers}
+    out_root = s.out_root(common.files_footprint(4, size), params)
     results = run_rounds(
         "big4", tools, list_path=lst, urls=urls, expected=files, workers=workers,
-        settings=s, rounds=rounds, timeout=s.timeout or 300,
+        settings=s, rounds=rounds, timeout=s.timeout or 300, out_root=out_root,
     )  # fmt: skip
     return finish(
         "big4",
         results,
         base_name="fetcher",
         total_bytes=4 * size,
-        params={"files": 4, "size": f"{size // MiB} MiB", "workers": workers},
+        params=params,
         settings=s,
         rounds=rounds,
         rate="MB/s",
@@ -630,16 +642,21 @@ def suite_split(ng: common.Nginx, s: Settings) -> dict[str, Any]:
     ]
     rate = 20 * MiB  # nginx "20m" = 20 MiB/s per connection
     timeout = s.timeout or (size / rate * 2 + 60)
+    params: dict[str, Any] = {
+        "size": f"{size // MiB} MiB",
+        "limit_rate": f"{ng.slow_rate}/connection",
+    }
+    out_root = s.out_root(common.files_footprint(1, size), params)
     results = run_rounds(
         "split", tools, list_path=lst, urls=urls, expected=[path], workers=1,
-        settings=s, rounds=rounds, timeout=timeout,
+        settings=s, rounds=rounds, timeout=timeout, out_root=out_root,
     )  # fmt: skip
     return finish(
         "split",
         results,
         base_name="fetcher --split 4",
         total_bytes=size,
-        params={"size": f"{size // MiB} MiB", "limit_rate": f"{ng.slow_rate}/connection"},
+        params=params,
         settings=s,
         rounds=rounds,
         rate="MB/s",
@@ -707,7 +724,9 @@ def suite_urllist(ng: common.Nginx, s: Settings) -> dict[str, Any]:
     timeout = s.timeout or (120 if s.quick else 1500)
     tool = fetcher_tool()
     why = tool.check()
-    out = s.work / "out" / "urllist" / "fetcher"
+    params: dict[str, Any] = {"lines": lines, "workers": 16}
+    # 1-byte files + a manifest line (~300 B) each, twice over for the N/10 run's slack
+    out = s.out_root(common.files_footprint(lines, 1) + lines * 400, params) / "urllist"
     base = f"{ng.base_url}/t"
     lst_small, lst = (s.work / "lists" / f"urllist-{n}.txt" for n in (small_lines, lines))
     names = (
@@ -763,7 +782,7 @@ def suite_urllist(ng: common.Nginx, s: Settings) -> dict[str, Any]:
         results,
         base_name="",
         total_bytes=0,
-        params={"lines": lines, "workers": 16},
+        params=params,
         settings=dataclasses.replace(s, warmup=0),
         rounds=1,
         rate=None,
@@ -795,6 +814,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--urllist-lines", type=int, help="lines in the urllist suite")
     ap.add_argument("--timeout", type=float, help="per-run timeout in seconds")
     ap.add_argument("--work", type=Path, default=common.DEFAULT_WORK, help="work directory")
+    ap.add_argument(
+        "--out",
+        default="auto",
+        help="where tools write: auto (tmpfs /dev/shm when it has room, else WORK/out), "
+        "disk (WORK/out), or a directory",
+    )
     args = ap.parse_args(argv)
     unknown = [x for x in args.suites if x not in (*SUITES, "all")]
     if unknown:
@@ -808,16 +833,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         only=set(args.only.split(",")) if args.only else None,
         urllist_lines=args.urllist_lines,
         timeout=args.timeout,
+        outputs=common.OutputRoots(args.out, args.work.resolve()),
     )
     t0 = time.perf_counter()
     data_root = settings.work / "data"
     data_root.mkdir(parents=True, exist_ok=True)
-    with common.Nginx(root=data_root, work=settings.work) as ng:
-        for name in suites:
-            t1 = time.perf_counter()
-            settings.meter = common.CpuMeter(ng.proc.pid if ng.proc else None)
-            RUNNERS[name](ng, settings)
-            common.log(f"{name}: done in {time.perf_counter() - t1:.0f} s")
+    try:
+        with common.Nginx(root=data_root, work=settings.work) as ng:
+            for name in suites:
+                t1 = time.perf_counter()
+                settings.meter = common.CpuMeter(ng.proc.pid if ng.proc else None)
+                RUNNERS[name](ng, settings)
+                common.log(f"{name}: done in {time.perf_counter() - t1:.0f} s")
+    finally:
+        settings.outputs.cleanup()
     common.log(f"all done in {time.perf_counter() - t0:.0f} s")
     return 0
 

@@ -226,6 +226,53 @@ http {{
         self.stop()
 
 
+# --------------------------------------------------------------------------- output location
+
+
+def is_tmpfs(path: Path) -> bool:
+    """Whether ``path`` is the mount point of a tmpfs (from /proc/mounts)."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/mounts").read_text().splitlines():
+            parts = line.split()
+            if len(parts) > 2 and parts[1] == str(path) and parts[2] == "tmpfs":
+                return True
+    return False
+
+
+class OutputRoots:
+    """Where tools write their downloads: tmpfs when it fits, else the work dir.
+
+    ``mode``: ``auto`` (tmpfs ``/dev/shm`` when it has room, else disk), ``disk``
+    (``WORK/out``), or a directory path. Writing to tmpfs takes the machine's
+    filesystem out of the comparison: on some virtual disks creating a small file
+    costs ~1 ms of kernel time, the same for every tool, which would swamp the
+    differences between downloaders and vary from minute to minute.
+    """
+
+    def __init__(self, mode: str, work: Path) -> None:
+        self.mode, self.work = mode, work
+        self.tmp = Path("/dev/shm") / f"fetcher-bench-{os.getpid()}"
+
+    def pick(self, need_bytes: int) -> tuple[Path, str]:
+        """A root for a suite whose outputs take up to ``need_bytes``, and its label."""
+        if self.mode == "disk":
+            return self.work / "out", "disk"
+        if self.mode != "auto":
+            return Path(self.mode).resolve(), "given"
+        shm = self.tmp.parent
+        if is_tmpfs(shm) and shutil.disk_usage(shm).free > need_bytes * 1.5 + 512 * MiB:
+            return self.tmp, "tmpfs"
+        return self.work / "out", "disk (tmpfs too small)"
+
+    def cleanup(self) -> None:
+        remove_tree(self.tmp)
+
+
+def files_footprint(count: int, size: int, page: int = 4096) -> int:
+    """Bytes ``count`` files of ``size`` occupy (rounded up to pages, plus slack)."""
+    return count * (-(-max(size, 1) // page) * page + 1024)
+
+
 # --------------------------------------------------------------------------- data
 
 
