@@ -160,9 +160,8 @@ def _dump_callable(fn: Callable[..., Any]) -> bytes:
     """Pickle ``fn`` for worker processes, or raise a ConfigError that says what to do."""
     if not callable(fn):
         raise ConfigError(f"parallel_map needs a callable, got {type(fn).__name__}")
-    main = sys.modules.get("__main__")
     in_unimportable_main = (getattr(fn, "__module__", None) == "__main__"
-                            and getattr(main, "__file__", None) is None)
+                            and not _main_is_importable())
     problem: BaseException | None = None
     if not in_unimportable_main:
         try:
@@ -182,6 +181,37 @@ def _dump_callable(fn: Callable[..., Any]) -> bytes:
         f"{_describe(fn)} cannot be sent to worker processes{why}: define it at module "
         f"top level, or use mode='thread'{hint}"
     ) from None
+
+
+def _main_is_importable() -> bool:
+    main = sys.modules.get("__main__")
+    spec_name = getattr(getattr(main, "__spec__", None), "name", None)
+    path = getattr(main, "__file__", None)
+    return spec_name is not None or (path is not None and os.path.isfile(path))
+
+
+_START_LOCK = threading.Lock()
+_BOOT_MARK = -3
+"""A worker's shared slot before it runs our code; >= 0 is the item it is running."""
+_IDLE_MARK = -1
+
+
+@contextlib.contextmanager
+def _hide_unimportable_main() -> Iterator[None]:
+    """Workers re-import the parent's ``__main__`` from its file; with ``python -``
+    (``__file__ == "<stdin>"``) that fails and every worker dies while booting. Hide
+    such a name while a worker starts, as if run with ``-c``."""
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    if path is None or _main_is_importable():
+        yield
+        return
+    with _START_LOCK:
+        del main.__file__  # type: ignore[union-attr]
+        try:
+            yield
+        finally:
+            main.__file__ = path  # type: ignore[union-attr]
 
 
 def _exit_text(code: int | None) -> str:
@@ -288,6 +318,7 @@ def _worker_main(conn: Connection, marks: Any, slot: int, alive: Connection) -> 
     threading.Thread(target=_watch_parent, args=(alive,), name="fetcher-watchdog",
                      daemon=True).start()
     mark = memoryview(marks).cast("B").cast("q")[slot:slot + 1]
+    mark[0] = _IDLE_MARK  # booted
     fns: dict[int, Any] = {}
     loads = pickle.loads
     while True:
@@ -297,6 +328,7 @@ def _worker_main(conn: Connection, marks: Any, slot: int, alive: Connection) -> 
             return
         kind = msg[0]
         if kind == "run":
+            mark[0] = _IDLE_MARK
             fn = fns.get(msg[1])
             if not callable(fn):
                 conn.send_bytes(pickle.dumps(("fnerr", fn or "function was not loaded")))
@@ -304,7 +336,7 @@ def _worker_main(conn: Connection, marks: Any, slot: int, alive: Connection) -> 
             t0 = time.perf_counter()
             values, errors = _run_tracked(fn, msg[2], mark, msg[3])
             elapsed = time.perf_counter() - t0
-            mark[0] = -2
+            mark[0] = _IDLE_MARK
             conn.send_bytes(_dump_result(values, errors, elapsed))
         elif kind == "fn":
             try:
@@ -554,6 +586,7 @@ class _ProcessBackend:
         self._events: list[_Event] = []
         self._ids = itertools.count()
         self._closed = False
+        self._boot_failures = 0
         self._workers: list[_Worker] = []
         _LIVE.add(self)
         try:
@@ -568,7 +601,9 @@ class _ProcessBackend:
         parent_conn, child_conn = self._ctx.Pipe(duplex=True)
         proc = self._ctx.Process(target=_worker_main, name=f"fetcher-worker-{slot}",
                                  args=(child_conn, self._marks, slot, self._alive_r))
-        proc.start()
+        self._marks_view[slot] = _BOOT_MARK
+        with _hide_unimportable_main():
+            proc.start()
         child_conn.close()
         return _Worker(proc, parent_conn, slot, self._marks_view[slot:slot + 1])
 
@@ -643,7 +678,6 @@ class _ProcessBackend:
                 w.conn.send_bytes(pickle.dumps(("fn", task.fid, self._payloads[task.fid]),
                                                _PICKLE))
                 w.fids.add(task.fid)
-            w.mark[0] = -1
             w.conn.send_bytes(data)
         except OSError:
             self._on_death(w)
@@ -729,8 +763,19 @@ class _ProcessBackend:
         except (EOFError, OSError, pickle.UnpicklingError):
             pass
         w.proc.join(1.0)
+        pos = int(w.mark[0])
+        if pos == _BOOT_MARK:
+            self._boot_failures += 1
+        else:
+            self._boot_failures = 0
+        if self._boot_failures >= 2:
+            self.broken = True
+            raise ConfigError(
+                f"worker processes die while starting ({_exit_text(w.proc.exitcode)}); "
+                f"their stderr says why. With the {self.method!r} start method each worker "
+                f"imports the main module: guard the script's work with "
+                f"`if __name__ == '__main__':`, and keep worker functions importable")
         if w.task is not None and not w.abandoned:
-            pos = int(w.mark[0])
             self._events.append(_Event(
                 "lost", w.task, pos=pos if 0 <= pos < len(w.task.items) else None,
                 detail=f"worker process {w.proc.pid} {_exit_text(w.proc.exitcode)}",
