@@ -1085,25 +1085,34 @@ def _prepare(fn: Callable[[Any], Any], mode: str, workers: int | None, chunksize
 def parallel_imap(fn: Callable[[T], R], items: Iterable[T], *, mode: Mode = ...,
                   workers: int | None = ..., chunksize: int | Literal["auto"] = ...,
                   ordered: bool = ..., on_error: Literal["raise"],
-                  progress: Progress | None = ...) -> Iterator[R]: ...
+                  progress: Progress | None = ...) -> Generator[R, None, None]: ...
 @overload
 def parallel_imap(fn: Callable[[T], R], items: Iterable[T], *, mode: Mode = ...,
                   workers: int | None = ..., chunksize: int | Literal["auto"] = ...,
                   ordered: bool = ..., on_error: Literal["collect"] = ...,
-                  progress: Progress | None = ...) -> Iterator[R | TaskError]: ...
+                  progress: Progress | None = ...) -> Generator[R | TaskError, None, None]: ...
 def parallel_imap(fn: Callable[[Any], Any], items: Iterable[Any], *, mode: Mode = "process",
                   workers: int | None = None, chunksize: int | Literal["auto"] = "auto",
                   ordered: bool = True, on_error: OnError = "collect",
-                  progress: Progress | None = None) -> Iterator[Any]:
-    """Lazily map ``fn`` over ``items``; an iterator of results (see the module docstring).
+                  progress: Progress | None = None) -> Generator[Any, None, None]:
+    """Lazily map ``fn`` over ``items``; a generator of results (see the module docstring).
 
     Options are validated and ``fn`` is checked for picklability now; workers start at
-    the first ``next()``. Closing the iterator early discards unfinished work.
+    the first ``next()``. ``close()`` (or dropping the generator) discards unfinished
+    work and returns the workers to the pool.
     """
     n, payload = _prepare(fn, mode, workers, chunksize, on_error)
     gen = _chunks(fn, payload, items, mode=mode, workers=n, chunksize=chunksize,
                   ordered=ordered, on_error=on_error, progress=progress)
-    return itertools.chain.from_iterable(gen)
+    return _flatten(gen)
+
+
+def _flatten(gen: Generator[list[Any], None, None]) -> Generator[Any, None, None]:
+    try:
+        for values in gen:
+            yield from values
+    finally:
+        gen.close()
 
 
 @overload
