@@ -1,11 +1,11 @@
 """The only module that talks HTTP.
 
-One ``HttpClient`` per worker thread, each with its own urllib3 pool (keep-alive,
-one connection per host, since a thread runs one request at a time). requests'
-per-request machinery (hooks, cookie jars, adapters, re-parsing) costs several
-times urllib3's on small files, so the hot path uses urllib3 directly; requests
-users keep their habits through ``FetchConfig`` (headers, auth, proxies, verify,
-cert) or ``config_from_session``.
+One ``HttpClient`` per worker thread, each keeping one idle keep-alive connection
+per origin (a thread runs one request at a time). Direct connections speak HTTP/1.1
+through ``wire.py``, because requests' and even urllib3's per-request machinery is
+what caps a Python downloader on small files (see ARCHITECTURE.md); proxied schemes
+use urllib3's ProxyManager. requests users keep their habits through ``FetchConfig``
+(headers, auth, proxies, verify, cert) or ``config_from_session``.
 
 Redirects are followed here, not by urllib3, so the policy lives in one place:
 http/https targets only, a hop limit, loop detection, and credentials dropped when
@@ -14,11 +14,13 @@ the host changes. Transport exceptions become ``TransportError`` at this boundar
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
+import socket
 import time
 from collections.abc import Iterator, Mapping
 from typing import Any
-from urllib.parse import urljoin, urlsplit, urlunsplit
+from urllib.parse import unquote, urljoin, urlsplit, urlunsplit
 
 import urllib3
 from urllib3.exceptions import HTTPError as Urllib3HTTPError
@@ -27,6 +29,7 @@ from urllib3.util import make_headers
 
 from .config import FetchConfig
 from .errors import HTTPStatusError, RedirectError, TransportError, TruncatedError
+from .wire import Body, Connection, Headers, StaleConnection, WireError, tls_context
 
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 _DRAIN_LIMIT = 64 * 1024
@@ -71,15 +74,11 @@ def parse_retry_after(value: str | None, *, now: float | None = None) -> float |
 
 
 class Response:
-    """A streaming response. Always ``release()`` it (``with`` does)."""
+    """A streaming response, whichever transport carried it. Always ``release()`` it."""
 
-    __slots__ = ("_raw", "headers", "status", "url")
-
-    def __init__(self, raw: urllib3.BaseHTTPResponse, url: str) -> None:
-        self._raw = raw
-        self.status: int = raw.status
-        self.headers = raw.headers
-        self.url = url
+    status: int
+    headers: Any
+    url: str
 
     @property
     def content_length(self) -> int | None:
@@ -90,7 +89,82 @@ class Response:
         return int(value)
 
     def chunks(self, size: int) -> Iterator[bytes]:
-        """Body chunks of up to ``size`` bytes; transport failures become ours."""
+        """Body chunks of up to ``size`` bytes as they arrive; failures become ours."""
+        raise NotImplementedError
+
+    def discard(self) -> None:
+        """Drop an unwanted body: read a small one so the connection is reused."""
+        raise NotImplementedError
+
+    def release(self) -> None:
+        """Return the connection if the body was consumed, else close it."""
+        raise NotImplementedError
+
+    def abort(self) -> None:
+        """Break the connection from another thread (Ctrl-C)."""
+        raise NotImplementedError
+
+    def __enter__(self) -> Response:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+class _WireResponse(Response):
+    """A response on one of the client's own keep-alive connections (``wire.py``)."""
+
+    __slots__ = ("_body", "_client", "_key", "headers", "status", "url")
+
+    def __init__(self, client: HttpClient, key: tuple[str, str, int], status: int,
+                 headers: Headers, body: Body, url: str) -> None:
+        self._client, self._key, self._body = client, key, body
+        self.status, self.headers, self.url = status, headers, url
+
+    def chunks(self, size: int) -> Iterator[bytes]:
+        try:
+            yield from self._body.chunks(size)
+        except WireError as exc:
+            shown = redact(self.url)
+            if exc.kind == "truncated":
+                raise TruncatedError(f"connection broken for {shown}: {exc}",
+                                     url=self.url) from exc
+            raise TransportError(f"transfer failed for {shown}: {exc}", url=self.url) from exc
+
+    def discard(self) -> None:
+        body = self._body
+        if body.remaining is not None and body.remaining <= _DRAIN_LIMIT:
+            try:
+                for _ in body.chunks(_DRAIN_LIMIT):
+                    pass
+            except WireError:
+                pass
+        self.release()
+
+    def release(self) -> None:
+        body = self._body
+        if body.done and body.keep_alive and not body.conn.buf:
+            self._client._idle[self._key] = body.conn
+        else:
+            body.conn.close()
+
+    def abort(self) -> None:
+        with contextlib.suppress(OSError):
+            self._body.conn.sock.shutdown(socket.SHUT_RDWR)
+
+
+class _PooledResponse(Response):
+    """A urllib3 response (used for proxied requests)."""
+
+    __slots__ = ("_raw", "headers", "status", "url")
+
+    def __init__(self, raw: urllib3.BaseHTTPResponse, url: str) -> None:
+        self._raw = raw
+        self.status = raw.status
+        self.headers = raw.headers
+        self.url = url
+
+    def chunks(self, size: int) -> Iterator[bytes]:
         raw = self._raw
         # read1 returns what has arrived (up to size) instead of blocking until size
         # bytes: a slow body still reaches disk steadily, so an interrupt keeps it.
@@ -112,8 +186,19 @@ class Response:
                 f"transfer failed for {redact(self.url)}: {_reason(exc)}", url=self.url
             ) from exc
 
+    def discard(self) -> None:
+        raw = self._raw
+        try:
+            remaining = raw.length_remaining
+            if remaining is not None and remaining <= _DRAIN_LIMIT:
+                raw.drain_conn()
+            else:
+                raw.close()
+            raw.release_conn()
+        except Exception:
+            raw.close()
+
     def release(self) -> None:
-        """Give the connection back to the pool if the body was consumed, else close it."""
         raw = self._raw
         try:
             if raw.length_remaining:  # unread body: not worth draining
@@ -123,50 +208,41 @@ class Response:
             pass
 
     def abort(self) -> None:
-        """Break the connection from another thread (used on Ctrl-C)."""
-        try:
-            shutdown = getattr(self._raw, "shutdown", None)
-            if shutdown is not None:
-                shutdown()
-            else:  # pragma: no cover - urllib3 < 2.3
-                self._raw.close()
-        except Exception:
-            pass
+        with contextlib.suppress(Exception):
+            self._raw.shutdown()
 
-    def __enter__(self) -> Response:
-        return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.release()
+_DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 class HttpClient:
-    """An HTTP client for one worker thread (not thread-safe by design)."""
+    """An HTTP client for one worker thread (not thread-safe by design).
 
-    def __init__(self, config: FetchConfig, *, pool_size: int = 1) -> None:
+    Direct connections use ``wire.py`` (one idle keep-alive connection per origin);
+    proxied schemes go through urllib3's ProxyManager, which knows CONNECT tunnels.
+    """
+
+    def __init__(self, config: FetchConfig) -> None:
         self.config = config
-        self._timeout = urllib3.Timeout(connect=config.timeout, read=config.timeout)
-        tls: dict[str, Any] = {}
-        if config.verify is False:
-            tls["cert_reqs"] = "CERT_NONE"
-        elif isinstance(config.verify, str):
-            tls["ca_certs"] = config.verify
-        if isinstance(config.cert, str):
-            tls["cert_file"] = config.cert
-        elif config.cert is not None:
-            tls["cert_file"], tls["key_file"] = config.cert
         base_headers = {"User-Agent": config.user_agent, "Accept-Encoding": "identity"}
         base_headers.update(config.headers)
         self._base_headers = base_headers
-        common = {"num_pools": 64, "maxsize": pool_size, "block": False, **tls}
-        self._direct = urllib3.PoolManager(**common)
+        self._idle: dict[tuple[str, str, int], Connection] = {}
         self._proxied: dict[str, urllib3.ProxyManager] = {}
-        for scheme, proxy_url in (config.proxies or {}).items():
-            self._proxied[scheme] = urllib3.ProxyManager(proxy_url, **common)
-
-    def _manager(self, url: str) -> urllib3.PoolManager:
-        scheme = url.partition(":")[0].lower()
-        return self._proxied.get(scheme, self._direct)
+        if config.proxies:
+            tls: dict[str, Any] = {}
+            if config.verify is False:
+                tls["cert_reqs"] = "CERT_NONE"
+            elif isinstance(config.verify, str):
+                tls["ca_certs"] = config.verify
+            if isinstance(config.cert, str):
+                tls["cert_file"] = config.cert
+            elif config.cert is not None:
+                tls["cert_file"], tls["key_file"] = config.cert
+            for scheme, proxy_url in config.proxies.items():
+                self._proxied[scheme.lower()] = urllib3.ProxyManager(
+                    proxy_url, num_pools=64, maxsize=1, block=False, **tls)
+        self._timeout = urllib3.Timeout(connect=config.timeout, read=config.timeout)
 
     def get(self, url: str, headers: Mapping[str, str] | None = None) -> Response:
         """GET ``url`` following redirects; returns the final response, status unchecked.
@@ -186,11 +262,11 @@ class HttpClient:
             elif host_of(current) != origin_host:
                 hdrs.pop("Authorization", None)
                 hdrs.pop("Cookie", None)
-            raw = self._request(current, hdrs)
-            if raw.status not in REDIRECT_STATUSES or not raw.headers.get("Location"):
-                return Response(raw, current)
-            location = raw.headers["Location"]
-            _discard(raw)
+            resp = self._request(current, hdrs)
+            location = resp.headers.get("Location")
+            if resp.status not in REDIRECT_STATUSES or not location:
+                return resp
+            resp.discard()
             target = urljoin(current, location)
             scheme = target.partition(":")[0].lower()
             if scheme not in ("http", "https"):
@@ -210,8 +286,6 @@ class HttpClient:
     def _auth_header(self, url: str) -> str | None:
         parts = urlsplit(url)
         if parts.username is not None:
-            from urllib.parse import unquote
-
             cred = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
             return make_headers(basic_auth=cred)["authorization"]
         if self.config.auth is not None:
@@ -219,19 +293,63 @@ class HttpClient:
             return make_headers(basic_auth=f"{user}:{password}")["authorization"]
         return None
 
-    def _request(self, url: str, headers: dict[str, str]) -> urllib3.BaseHTTPResponse:
+    def _request(self, url: str, headers: dict[str, str]) -> Response:
+        scheme = url.partition(":")[0].lower()
+        proxy = self._proxied.get(scheme)
+        if proxy is not None:
+            return self._request_proxied(proxy, url, headers)
+        parts = urlsplit(url)
+        host = parts.hostname or ""
         try:
-            return self._manager(url).urlopen(
+            port = parts.port or _DEFAULT_PORTS[scheme]
+        except ValueError as exc:
+            raise TransportError(f"bad port in {redact(url)}", url=url) from exc
+        target = parts.path or "/"
+        if parts.query:
+            target += "?" + parts.query
+        netloc = parts.netloc.rpartition("@")[2]
+        lines = [f"GET {target} HTTP/1.1", f"Host: {netloc}"]
+        lines.extend(f"{k}: {v}" for k, v in headers.items())
+        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        key = (scheme, host, port)
+        for _try in range(2):
+            conn = self._idle.pop(key, None)
+            try:
+                if conn is None:
+                    tls = tls_context(self.config.verify, self.config.cert) \
+                        if scheme == "https" else None
+                    conn = Connection(host, port, timeout=self.config.timeout, tls=tls)
+                status, resp_headers, http11 = conn.request(head)
+            except StaleConnection:
+                if conn is not None:
+                    conn.close()
+                continue  # the server closed an idle keep-alive connection: reconnect
+            except WireError as exc:
+                if conn is not None:
+                    conn.close()
+                raise TransportError(f"request failed for {redact(url)}: {exc}",
+                                     url=url) from exc
+            body = Body(conn, status, resp_headers, http11=http11)
+            return _WireResponse(self, key, status, resp_headers, body, url)
+        raise TransportError(f"request failed for {redact(url)}: connection closed", url=url)
+
+    def _request_proxied(self, proxy: urllib3.ProxyManager, url: str,
+                         headers: dict[str, str]) -> Response:
+        try:
+            raw = proxy.urlopen(
                 "GET", url, headers=headers, redirect=False, retries=False,
                 preload_content=False, timeout=self._timeout, decode_content=False,
             )
         except (Urllib3HTTPError, OSError) as exc:
             raise TransportError(f"request failed for {redact(url)}: {_reason(exc)}",
                                  url=url) from exc
+        return _PooledResponse(raw, url)
 
     def close(self) -> None:
         """Close every pooled connection."""
-        self._direct.clear()
+        for conn in self._idle.values():
+            conn.close()
+        self._idle.clear()
         for mgr in self._proxied.values():
             mgr.clear()
 
@@ -241,21 +359,8 @@ def raise_for_status(resp: Response, *, url: str) -> None:
     if resp.status < 400:
         return
     retry_after = parse_retry_after(resp.headers.get("Retry-After"))
-    _discard(resp._raw)
+    resp.discard()
     raise HTTPStatusError(resp.status, url=url, retry_after=retry_after)
-
-
-def _discard(raw: urllib3.BaseHTTPResponse) -> None:
-    """Drain a small unwanted body so the connection can be reused; close a large one."""
-    try:
-        remaining = raw.length_remaining
-        if remaining is not None and remaining <= _DRAIN_LIMIT:
-            raw.drain_conn()
-        else:
-            raw.close()
-        raw.release_conn()
-    except Exception:
-        raw.close()
 
 
 def _strip_userinfo(url: str) -> str:

@@ -30,6 +30,7 @@ class Route:
     redirect: str | None = None
     status: int = 200
     slow_bps: int | None = None
+    chunked: bool = False
 
     def __post_init__(self) -> None:
         if self.etag is None:
@@ -115,6 +116,18 @@ class _Handler(BaseHTTPRequestHandler):
             status = 206
             headers["Content-Range"] = f"bytes {start}-{end}/{len(body)}"
             body = body[start:end + 1]
+        if fault == "chunked" or route.chunked:
+            self._send_chunked(status, headers, body)
+            return
+        if fault == "eof":  # no length: the body ends when the connection does
+            self.send_response(status)
+            for k, v in headers.items():
+                self.send_header(k, v)
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.wfile.write(body)
+            self.close_connection = True
+            return
         headers["Content-Length"] = str(len(body))
         self.send_response(status)
         for k, v in headers.items():
@@ -134,6 +147,11 @@ class _Handler(BaseHTTPRequestHandler):
                 time.sleep(float(fault[6:]))
                 self.close_connection = True
                 return
+            if fault == "drop-idle":  # answer fully, then hang up without saying so
+                self.wfile.write(body)
+                self.wfile.flush()
+                self.close_connection = True
+                return
             if route.slow_bps:
                 step = max(1, route.slow_bps // 10)
                 for i in range(0, len(body), step):
@@ -146,6 +164,18 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(body)
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
+
+    def _send_chunked(self, status: int, headers: dict[str, str], body: bytes) -> None:
+        self.send_response(status)
+        for k, v in headers.items():
+            self.send_header(k, v)
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        step = 7777
+        for i in range(0, len(body), step):
+            piece = body[i:i + step]
+            self.wfile.write(f"{len(piece):x};ext=1\r\n".encode() + piece + b"\r\n")
+        self.wfile.write(b"0\r\nX-Trailer: yes\r\n\r\n")
 
     def _simple(self, status: int, body: bytes, headers: dict[str, str] | None = None,
                 ctype: str = "text/plain") -> None:
@@ -177,8 +207,15 @@ class TestServer:
 
     __test__ = False  # not a pytest test class
 
-    def __init__(self) -> None:
+    def __init__(self, tls: tuple[str, str] | None = None) -> None:
         self._srv = _Server(("127.0.0.1", 0), _Handler)
+        self._tls = tls is not None
+        if tls is not None:
+            import ssl
+
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.load_cert_chain(*tls)
+            self._srv.socket = ctx.wrap_socket(self._srv.socket, server_side=True)
         self._srv.routes = {}
         self._srv.log = []
         self._srv.lock = threading.Lock()
@@ -196,7 +233,8 @@ class TestServer:
     @property
     def base(self) -> str:
         host, port = self._srv.server_address[:2]
-        return f"http://{host!s}:{port}"
+        scheme = "https" if self._tls else "http"
+        return f"{scheme}://{host!s}:{port}"
 
     def url(self, path: str) -> str:
         return self.base + path
