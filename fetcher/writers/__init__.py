@@ -10,6 +10,9 @@
             w.write(rec)
     print(w.close().as_dict())       # rows, batches, skipped_batches, seconds, ...
 
+``write_arrow(table)`` feeds ``pyarrow`` tables instead of records (shard sinks write them
+as they are; database sinks convert per batch in the workers).
+
 Sinks (``open_sink(url)``): ``sqlite:///rel.db`` / ``sqlite:////abs.db`` (one writer
 connection, WAL, busy timeout), ``postgresql://user@host[:port]/db`` (binary or text COPY,
 one connection per worker), ``file:///abs/dir?format=jsonl|csv|parquet`` (one shard per

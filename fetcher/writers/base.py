@@ -29,7 +29,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from ..errors import ConfigError, SinkError
 from ..progress import NullProgress, Progress
-from .schema import Record, RowError, Schema, as_record, infer_schema
+from .schema import Record, RowError, Schema, as_record, infer_schema, schema_from_arrow
 
 log = logging.getLogger(__name__)
 
@@ -39,11 +39,25 @@ _PUT_POLL_S = 0.1
 
 @dataclass(slots=True)
 class Batch:
-    """Rows ``[first_row, first_row + len(rows))`` of a load, numbered ``number``."""
+    """Rows ``[first_row, first_row + size)`` of a load, numbered ``number``: Python
+    records in ``rows``, or a ``pyarrow.Table`` in ``table`` (loads fed by write_arrow)."""
 
     number: int
     first_row: int
     rows: list[Record]
+    table: Any = None
+
+    @property
+    def size(self) -> int:
+        """Rows in the batch."""
+        return int(self.table.num_rows) if self.table is not None else len(self.rows)
+
+    def records(self) -> list[Record]:
+        """The rows as dicts (converted from Arrow when the batch holds a table)."""
+        if self.table is not None:
+            rows: list[Record] = self.table.to_pylist()
+            return rows
+        return self.rows
 
 
 @dataclass(frozen=True, slots=True)
@@ -284,6 +298,9 @@ class ParallelWriter:
         self._lock = threading.Lock()
         self._cond = threading.Condition()
         self._buf: list[Record] = []
+        self._abuf: list[Any] = []  # pyarrow tables (write_arrow)
+        self._abuf_rows = 0
+        self._mode: str | None = None  # "rows" or "arrow", fixed by the first write
         self._buf_since = 0.0
         self._next_batch = 0
         self._next_row = 0
@@ -295,8 +312,9 @@ class ParallelWriter:
         self._closed = False
         self._started = False
         self._plan: LoadPlan | None = None
+        # Memory bound: workers staging + this many queued + the one being filled.
         self._queue: queue.Queue[tuple[int, Batch] | None] = queue.Queue(
-            maxsize=max(2, 2 * self._nworkers))
+            maxsize=self._nworkers + 1)
         self._threads: list[threading.Thread] = []
         self._ticker: threading.Thread | None = None
         self._stop_ticker = threading.Event()
@@ -343,6 +361,8 @@ class ParallelWriter:
             self._raise_state()
         rec = record if type(record) is dict else as_record(record)
         with self._lock:
+            if self._mode != "rows":
+                self._set_mode("rows")
             if not self._buf:
                 self._buf_since = time.monotonic()
             self._buf.append(rec)
@@ -354,9 +374,16 @@ class ParallelWriter:
 
     def write_many(self, records: Iterable[Any]) -> int:
         """Add many records (any iterable, consumed lazily). Returns how many were added."""
+        limit = min(4096, self._batch_size or 4096)
+        if isinstance(records, list):  # slices, no per-record Python loop
+            for i in range(0, len(records), limit):
+                part = records[i:i + limit]
+                if not all(type(r) is dict for r in part):
+                    part = [as_record(r) for r in part]
+                self._add_chunk(part)
+            return len(records)
         n = 0
         chunk: list[Record] = []
-        limit = min(4096, self._batch_size or 4096)
         for rec in records:
             chunk.append(rec if type(rec) is dict else as_record(rec))
             if len(chunk) >= limit:
@@ -372,6 +399,8 @@ class ParallelWriter:
         if self._failed_seq is not None or self._closed:
             self._raise_state()
         with self._lock:
+            if self._mode != "rows":
+                self._set_mode("rows")
             if self._batch_size is None:
                 self._batch_size = self.sink.default_batch_size(
                     len(set(chunk[0]) | set(self._hints or ())))
@@ -386,6 +415,39 @@ class ParallelWriter:
                 if len(self._buf) >= bs:
                     self._cut_locked()
 
+    def write_arrow(self, data: Any) -> int:
+        """Add a ``pyarrow.Table`` or ``RecordBatch`` (columns as they are; not mixed with
+        ``write``). Shard sinks write Arrow data as is, without a round trip through Python
+        objects; database sinks convert each batch in its worker. Returns rows added."""
+        if self._failed_seq is not None or self._closed:
+            self._raise_state()
+        import pyarrow as pa
+
+        table = data if isinstance(data, pa.Table) else pa.Table.from_batches([data])
+        if table.num_rows == 0:
+            return 0
+        with self._lock:
+            if self._mode != "arrow":
+                self._set_mode("arrow")
+            if self._batch_size is None:
+                self._batch_size = self.sink.default_batch_size(table.num_columns)
+            if not self._abuf_rows:
+                self._buf_since = time.monotonic()
+            self._abuf.append(table)
+            self._abuf_rows += table.num_rows
+            while self._abuf_rows >= self._batch_size:
+                self._cut_locked()
+        return int(table.num_rows)
+
+    def _set_mode(self, mode: str) -> None:
+        if self._mode is not None:
+            raise ConfigError("a ParallelWriter takes either records (write/write_many) or "
+                              "Arrow data (write_arrow), not both")
+        self._mode = mode
+
+    def _pending(self) -> int:
+        return len(self._buf) + self._abuf_rows
+
     def flush(self) -> None:
         """Send the buffered rows as a (short) batch now. Not allowed with ``run_id``
         (batch boundaries must stay deterministic), except via ``close``."""
@@ -393,19 +455,19 @@ class ParallelWriter:
             raise ConfigError("flush() would make batch boundaries non-deterministic; "
                               "it is not available with run_id")
         with self._lock:
-            if self._buf and self._failed_seq is None:
+            while self._pending() and self._failed_seq is None:
                 self._cut_locked()
 
     def _tick(self) -> None:
         assert self._flush_interval is not None
         while not self._stop_ticker.wait(self._flush_interval / 4):
-            if not self._buf or self._failed_seq is not None:
+            if not self._pending() or self._failed_seq is not None:
                 continue
             if time.monotonic() - self._buf_since < self._flush_interval:
                 continue
             try:
                 with self._lock:
-                    if self._buf and self._failed_seq is None and not self._closed:
+                    while self._pending() and self._failed_seq is None and not self._closed:
                         self._cut_locked()
             except SinkError:
                 pass  # recorded; surfaces from write()/close()
@@ -414,25 +476,37 @@ class ParallelWriter:
 
     def _cut_locked(self) -> None:
         """Turn the buffer into batch ``self._next_batch``; caller holds ``self._lock``."""
-        rows, self._buf = self._buf, []
-        batch = Batch(self._next_batch, self._next_row, rows)
+        if self._abuf:
+            import pyarrow as pa
+
+            assert self._batch_size is not None
+            whole = self._abuf[0] if len(self._abuf) == 1 else pa.concat_tables(self._abuf)
+            take = min(self._batch_size, whole.num_rows)
+            rest = whole.slice(take)
+            self._abuf = [rest] if rest.num_rows else []
+            self._abuf_rows = int(rest.num_rows)
+            batch = Batch(self._next_batch, self._next_row, [], whole.slice(0, take))
+        else:
+            rows, self._buf = self._buf, []
+            batch = Batch(self._next_batch, self._next_row, rows)
+        size = batch.size
         self._next_batch += 1
-        self._next_row += len(rows)
+        self._next_row += size
         if not self._started:
-            self._start(rows)
+            self._start(batch)
         done = self._committed.get(batch.number, -1)
         if done != -1:
-            if done is not None and done != len(rows):
+            if done is not None and done != size:
                 err = SinkError(
                     f"the ledger of load {self.load_id!r} records {done} rows for this batch "
-                    f"but the input now has {len(rows)}: the input changed since the earlier "
+                    f"but the input now has {size}: the input changed since the earlier "
                     "load; use a new run id (or drop the table) to load it afresh",
                     sink=self.sink.url, batch=batch.number)
                 self._record_error(-1, err)
                 raise err
             self._skipped_batches += 1
-            self._skipped_rows += len(rows)
-            self._progress.update(len(rows))
+            self._skipped_rows += size
+            self._progress.update(size)
             return
         item = (self._seq, batch)
         self._seq += 1
@@ -448,9 +522,12 @@ class ParallelWriter:
                                                      sink=self.sink.url, batch=batch.number))
                     self._raise_state()
 
-    def _start(self, first_rows: list[Record]) -> None:
+    def _start(self, first: Batch) -> None:
         try:
-            inferred = infer_schema(first_rows, self._hints)
+            if first.table is not None:
+                inferred = schema_from_arrow(first.table.schema, self._hints)
+            else:
+                inferred = infer_schema(first.rows, self._hints)
         except (TypeError, ValueError) as exc:
             err = SinkError(f"cannot infer a schema from the first batch: {exc}",
                             sink=self.sink.url, batch=0)
@@ -525,13 +602,13 @@ class ParallelWriter:
         with self._cond:
             self._turn += 1
             if fresh:
-                self._rows += len(batch.rows)
+                self._rows += batch.size
                 self._batches += 1
             else:
                 self._skipped_batches += 1
-                self._skipped_rows += len(batch.rows)
+                self._skipped_rows += batch.size
             self._cond.notify_all()
-        self._progress.update(len(batch.rows))
+        self._progress.update(batch.size)
 
     def _record_error(self, seq: int, err: SinkError) -> None:
         with self._cond:
@@ -557,7 +634,7 @@ class ParallelWriter:
         if not self._closed:
             try:
                 with self._lock:
-                    if self._buf and self._failed_seq is None:
+                    while self._pending() and self._failed_seq is None:
                         self._cut_locked()
             except SinkError as exc:
                 flush_error = exc
@@ -589,6 +666,8 @@ class ParallelWriter:
         self._stop_ticker.set()
         with self._lock:
             self._buf = []
+            self._abuf = []
+            self._abuf_rows = 0
         for _ in self._threads:
             self._queue.put(None)
         for t in self._threads:

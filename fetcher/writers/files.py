@@ -247,7 +247,11 @@ class _ShardWriter:
         self.tmp = self.sink.dir / f".{name}.{os.getpid()}.{threading.get_ident()}.tmp"
         names = self.plan.schema.names
         try:
-            tuples = extract(batch.rows, names, target=self.plan.table)
+            if batch.table is not None and self.sink.format == "parquet":
+                self._parquet_arrow(batch.table)
+                _fsync_file(self.tmp)
+                return
+            tuples = extract(batch.records(), names, target=self.plan.table)
             if self.sink.format == "parquet":
                 self._parquet(tuples)
             elif self.sink.format == "csv":
@@ -279,6 +283,20 @@ class _ShardWriter:
             arrays = [_to_arrow(col, values, field.type) for col, values, field
                       in zip(self.plan.schema.columns, columns, self.arrow_schema, strict=True)]
             table = pa.Table.from_arrays(arrays, schema=self.arrow_schema)
+        assert self.tmp is not None
+        pq.write_table(table, self.tmp)
+
+    def _parquet_arrow(self, table: Any) -> None:
+        """Arrow input goes out with its own column types (nested types stay nested)."""
+        import pyarrow.parquet as pq
+
+        names = list(self.plan.schema.names)
+        if table.column_names != names:
+            extra = [c for c in table.column_names if c not in names]
+            if extra:
+                raise RowError(0, f"column(s) {', '.join(map(repr, extra))} not in the schema "
+                                  f"of {self.plan.table} (columns: {', '.join(names)})")
+            table = table.select([c for c in names if c in table.column_names])
         assert self.tmp is not None
         pq.write_table(table, self.tmp)
 

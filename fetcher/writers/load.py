@@ -136,12 +136,13 @@ class _Reader:
             n += 1
         return max(0, n - 1) if self.fmt in ("csv", "tsv") else n
 
-    def chunks(self) -> Iterator[list[Record]]:
+    def chunks(self) -> Iterator[Any]:
+        """Lists of records (CSV, JSONL) or Arrow tables (Parquet)."""
         if self.fmt in ("csv", "tsv"):
             return self._csv()
         if self.fmt == "jsonl":
             return self._jsonl()
-        return self._parquet()
+        return self.arrow_chunks()
 
     def _bad(self, row: int, message: str) -> _BadInput:
         return _BadInput(row, f"{self.where(row)}: {message}")
@@ -265,7 +266,8 @@ class _Reader:
             raise failure
 
     # -- Parquet -----------------------------------------------------------------------
-    def _parquet(self) -> Iterator[list[Record]]:
+    def arrow_chunks(self) -> Iterator[Any]:
+        """Parquet input as Arrow tables, one per record batch (decimals as float64)."""
         try:
             import pyarrow as pa
             import pyarrow.parquet as pq
@@ -273,17 +275,12 @@ class _Reader:
             raise ConfigError("reading Parquet needs pyarrow: pip install 'fetcher[parquet]'"
                               ) from exc
         pf = pq.ParquetFile(self.path)
-        schema = pf.schema_arrow
-        self.hints = {f.name: _arrow_logical(f.type) for f in schema}
-        casts = {f.name: pa.float64() for f in schema if pa.types.is_decimal(f.type)}
+        fields = list(pf.schema_arrow)
+        target = pa.schema([pa.field(f.name, pa.float64()) if pa.types.is_decimal(f.type)
+                            else f for f in fields])
         for batch in pf.iter_batches(batch_size=65_536):
-            if casts:
-                cols = [batch.column(i).cast(casts[f.name]) if f.name in casts
-                        else batch.column(i) for i, f in enumerate(batch.schema)]
-                batch = pa.RecordBatch.from_arrays(cols, names=batch.schema.names)
-            records = batch.to_pylist()
-            for i in range(0, len(records), CHUNK * 4):
-                yield records[i:i + CHUNK * 4]
+            table = pa.Table.from_batches([batch])
+            yield table.cast(target) if target != batch.schema else table
 
 
 _INT = re.compile(r"^[+-]?(0|[1-9]\d{0,17})$")
@@ -355,31 +352,6 @@ def _infer_text_column(values: list[str]) -> str:
     return "text"
 
 
-def _arrow_logical(typ: Any) -> str:
-    import pyarrow as pa
-
-    t = pa.types
-    if t.is_dictionary(typ):
-        return _arrow_logical(typ.value_type)
-    if t.is_boolean(typ):
-        return "bool"
-    if t.is_integer(typ):
-        return "int"
-    if t.is_floating(typ) or t.is_decimal(typ):
-        return "float"
-    if t.is_string(typ) or t.is_large_string(typ):
-        return "text"
-    if t.is_timestamp(typ):
-        return "timestamptz" if typ.tz is not None else "timestamp"
-    if t.is_date(typ):
-        return "date"
-    if t.is_binary(typ) or t.is_large_binary(typ) or t.is_fixed_size_binary(typ):
-        return "bytes"
-    if t.is_list(typ) or t.is_large_list(typ) or t.is_struct(typ) or t.is_map(typ):
-        return "json"
-    return "text"
-
-
 def load_file(
     input_path: Path,
     sink_url: str,
@@ -423,12 +395,13 @@ def load_file(
                             table=table, progress=prog, run_id=run_id or load_id_for(path, table),
                             schema=reader.hints)
     prog.start(total, unit="row", desc=table)
+    add = writer.write_arrow if fmt == "parquet" else writer.write_many
     try:
         with writer:
             if first is not None:
-                writer.write_many(first)
+                add(first)
             for chunk in chunks:
-                writer.write_many(chunk)
+                add(chunk)
         summary = writer.close()
     except _BadInput as exc:
         bs = writer.batch_size

@@ -294,7 +294,7 @@ class _PgBatchWriter:
         self.use_binary = self.binary_ok
 
     def _tuples(self, batch: Batch) -> tuple[list[tuple[Any, ...]], list[int] | None]:
-        tuples = extract(batch.rows, self.plan.schema.names, target=self.plan.table)
+        tuples = extract(batch.records(), self.plan.schema.names, target=self.plan.table)
         order: list[int] | None = None
         if self.key_index is not None:
             k = self.key_index
@@ -368,7 +368,7 @@ class _PgBatchWriter:
                 self.conn.execute(self.move)
             row = self.conn.execute(self.ledger_sql, (
                 self.plan.load_id, batch.number, self.plan.table, batch.first_row,
-                len(batch.rows), self.plan.batch_size)).fetchone()
+                batch.size, self.plan.batch_size)).fetchone()
             if row is None:  # a concurrent run committed this batch first
                 self.conn.rollback()
                 return False

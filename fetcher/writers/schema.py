@@ -156,6 +156,43 @@ def infer_schema(rows: Sequence[Mapping[str, Any]],
     return Schema(tuple(cols))
 
 
+def arrow_logical(typ: Any) -> str:
+    """The logical type for an Arrow type (nested types are json)."""
+    import pyarrow as pa
+
+    t = pa.types
+    if t.is_dictionary(typ):
+        return arrow_logical(typ.value_type)
+    if t.is_boolean(typ):
+        return "bool"
+    if t.is_integer(typ):
+        return "int"
+    if t.is_floating(typ) or t.is_decimal(typ):
+        return "float"
+    if t.is_string(typ) or t.is_large_string(typ):
+        return "text"
+    if t.is_timestamp(typ):
+        return "timestamptz" if typ.tz is not None else "timestamp"
+    if t.is_date(typ):
+        return "date"
+    if t.is_binary(typ) or t.is_large_binary(typ) or t.is_fixed_size_binary(typ):
+        return "bytes"
+    if t.is_list(typ) or t.is_large_list(typ) or t.is_struct(typ) or t.is_map(typ):
+        return "json"
+    return "text"
+
+
+def schema_from_arrow(arrow_schema: Any, hints: Mapping[str, str] | None = None) -> Schema:
+    """A schema from an Arrow schema; ``hints`` override column types."""
+    hints = dict(hints or {})
+    cols = [Column(f.name, hints.get(f.name) or arrow_logical(f.type)) for f in arrow_schema]
+    names = {c.name for c in cols}
+    cols += [Column(n, t) for n, t in hints.items() if n not in names]
+    if not cols:
+        raise ValueError("the Arrow data has no columns")
+    return Schema(tuple(cols))
+
+
 def extract(rows: Sequence[Mapping[str, Any]], names: Sequence[str],
             *, target: str) -> list[tuple[Any, ...]]:
     """Rows as tuples in column order. Missing keys become ``None``; a key the schema does

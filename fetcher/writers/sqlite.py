@@ -196,7 +196,7 @@ class _SQLiteBatchWriter:
         self.in_tx = False
 
     def _tuples(self, batch: Batch) -> list[tuple[Any, ...]]:
-        tuples = extract(batch.rows, self.plan.schema.names, target=self.plan.table)
+        tuples = extract(batch.records(), self.plan.schema.names, target=self.plan.table)
         if self.key_index is not None:
             k = self.key_index
             for i, tup in enumerate(tuples):
@@ -248,7 +248,7 @@ class _SQLiteBatchWriter:
                 f"INSERT INTO {LEDGER} (load_id, batch, target, first_row, rows, batch_size) "
                 "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (load_id, batch) DO NOTHING",
                 (self.plan.load_id, batch.number, self.plan.table, batch.first_row,
-                 len(batch.rows), self.plan.batch_size))
+                 batch.size, self.plan.batch_size))
             if cur.rowcount == 0:
                 self.rollback()
                 return False

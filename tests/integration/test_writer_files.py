@@ -162,3 +162,50 @@ def test_stale_temp_files_of_dead_processes_are_removed(tmp_path: Path) -> None:
         w.write_many(records(20))
     w.close()
     assert not stale.exists() and alive.exists()
+
+
+def test_write_arrow_slices_exact_batches_and_keeps_arrow_types(tmp_path: Path) -> None:
+    out = tmp_path / "arrow"
+    pieces = [pa.table({"id": pa.array(range(s, s + n), pa.int32()),
+                        "tags": pa.array([[i] for i in range(s, s + n)], pa.list_(pa.int64()))})
+              for s, n in ((0, 130), (130, 7), (137, 263))]
+    with ParallelWriter(f"file://{out}?format=parquet", table="a", batch_size=100,
+                        workers=2, run_id="arrow") as w:
+        for p in pieces:
+            w.write_arrow(p)
+        with pytest.raises(ConfigError, match="not both"):
+            w.write({"id": 1})
+    s = w.close()
+    assert (s.rows, s.batches) == (400, 4)
+    files = [out / n for n in shards(out)]
+    assert [pq.read_metadata(f).num_rows for f in files] == [100, 100, 100, 100]
+    t = pq.read_table(out)
+    assert t.schema.field("id").type == pa.int32()
+    assert t.schema.field("tags").type == pa.list_(pa.int64())
+    assert sorted(t.column("id").to_pylist()) == list(range(400))
+    # the same Arrow load re-run: every batch is in the ledger
+    with ParallelWriter(f"file://{out}?format=parquet", table="a", workers=2,
+                        run_id="arrow") as w:
+        for p in pieces:
+            w.write_arrow(p.to_batches()[0])
+    assert (w.close().rows, w.close().skipped_batches) == (0, 4)
+
+
+def test_write_arrow_into_sqlite_and_jsonl(tmp_path: Path) -> None:
+    import sqlite3
+
+    data = pa.table({"id": [1, 2, 3], "at": pa.array([dt.date(2024, 1, d) for d in (1, 2, 3)]),
+                     "v": [None, "b", "c"]})
+    with ParallelWriter(f"sqlite:///{tmp_path}/a.db", table="t", batch_size=2) as w:
+        w.write_arrow(data)
+    assert w.close().batches == 2
+    conn = sqlite3.connect(tmp_path / "a.db")
+    assert conn.execute("SELECT * FROM t ORDER BY id").fetchall() == [
+        (1, "2024-01-01", None), (2, "2024-01-02", "b"), (3, "2024-01-03", "c")]
+    conn.close()
+    with ParallelWriter(f"file://{tmp_path}/j?format=jsonl", table="t") as w:
+        w.write_arrow(data)
+    w.close()
+    (shard,) = [tmp_path / "j" / n for n in shards(tmp_path / "j")]
+    assert json.loads(shard.read_text().splitlines()[1]) == {"id": 2, "at": "2024-01-02",
+                                                            "v": "b"}

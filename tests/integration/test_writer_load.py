@@ -202,3 +202,27 @@ def test_empty_csv_loads_nothing(tmp_path: Path) -> None:
     s = load_file(src, f"sqlite:///{tmp_path}/e.db", table=None, workers=1, key=None,
                   progress=None)
     assert (s.rows, s.batches) == (0, 0)
+
+
+def test_parquet_to_parquet_shards_keeps_nested_types_and_resumes(tmp_path: Path) -> None:
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    n = 5000
+    src = tmp_path / "nested.parquet"
+    pq.write_table(pa.table({"id": pa.array(range(n), pa.int64()),
+                             "tags": pa.array([[i % 5] for i in range(n)],
+                                              pa.list_(pa.int16()))}), src, row_group_size=900)
+    out = tmp_path / "lake"
+    url = f"file://{out}?format=parquet"
+    s = load_file(src, url, table=None, workers=2, key=None, progress=None, batch_size=1200)
+    assert (s.rows, s.batches, s.table) == (n, 5, "nested")
+    t = pq.read_table(out)
+    assert t.schema.field("tags").type == pa.list_(pa.int16())
+    assert sorted(t.column("id").to_pylist()) == list(range(n))
+    assert [pq.read_metadata(p).num_rows for p in sorted(out.glob("nested-*.parquet"))] == \
+        [1200, 1200, 1200, 1200, 200]
+    for p in sorted(out.glob("nested-*.parquet"))[2:]:
+        p.unlink()  # as if the run had died after two shards
+    again = load_file(src, url, table=None, workers=2, key=None, progress=None)
+    assert (again.rows, again.skipped_batches) == (2600, 2)
+    assert sorted(pq.read_table(out).column("id").to_pylist()) == list(range(n))
