@@ -193,3 +193,16 @@ def test_schema_from_mapping_validates() -> None:
     assert Schema.from_mapping({"a": "int"}).names == ("a",)
     with pytest.raises(ValueError):
         Schema.from_mapping({"a": "varchar"})
+
+
+def test_missing_extras_are_config_errors(monkeypatch: pytest.MonkeyPatch,
+                                          tmp_path: Path) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "psycopg", None)  # import psycopg -> ImportError
+    monkeypatch.setitem(sys.modules, "pyarrow", None)
+    with pytest.raises(ConfigError, match=r"pip install 'fetcher\[postgres\]'"):
+        open_sink("postgresql://u@h/db")
+    with pytest.raises(ConfigError, match=r"pip install 'fetcher\[parquet\]'"):
+        open_sink(f"file://{tmp_path}?format=parquet")
+    assert open_sink(f"file://{tmp_path}?format=csv").url.endswith("format=csv")
