@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fnmatch
+import functools
 import hashlib
 import json
 import os
@@ -114,6 +115,14 @@ class RunContext:
     def partial_dir(self) -> Path:
         return self.dest / PARTIAL_DIR
 
+    @functools.cached_property
+    def partial_str(self) -> str:
+        return os.fspath(self.dest / PARTIAL_DIR)
+
+    @functools.cached_property
+    def dest_str(self) -> str:
+        return os.fspath(self.dest)
+
     def target(self, rel: str) -> tuple[Path, bool]:
         """The checked absolute path for ``rel`` and whether something is there already.
 
@@ -137,10 +146,11 @@ class RunContext:
             return safe_join(self.dest, rel), True  # raises UnsafePathError
         return path, True
 
-    def ensure_parent(self, rel: str, path: Path) -> None:
+    def ensure_parent(self, rel: str) -> None:
+        """Create (and check, once per run) the directories above ``rel``."""
         parent = rel.rpartition("/")[0]
         if parent and parent not in self._dirs:
-            safe_join(self.dest, rel)  # re-check: the directory may have appeared
+            path = safe_join(self.dest, rel)  # re-check: the directory may have appeared
             path.parent.mkdir(parents=True, exist_ok=True)
             with self._lock:
                 self._dirs.add(parent)
@@ -169,11 +179,9 @@ class RunContext:
             resp.abort()
 
 
-def partial_paths(ctx: RunContext, url: str, rel: str) -> tuple[Path, Path]:
-    """Deterministic partial and sidecar paths, so a later run can resume."""
-    key = hashlib.blake2b(f"{url}\0{rel}".encode(), digest_size=12).hexdigest()
-    base = ctx.partial_dir / key
-    return base.with_suffix(".part"), base.with_suffix(".json")
+def partial_name(url: str, rel: str) -> str:
+    """Deterministic partial file name for (url, rel), so a later run can resume."""
+    return hashlib.blake2b(f"{url}\0{rel}".encode(), digest_size=12).hexdigest() + ".part"
 
 
 def backoff_delay(config: FetchConfig, attempt: int) -> float:
@@ -201,7 +209,10 @@ def download_one(ctx: RunContext, client: HttpClient, url: str, rel: str,
     shown = redact(url)
     result = Result(url=shown, path=rel, status="failed")
     started = time.monotonic()
-    part, meta = partial_paths(ctx, url, rel)
+    name = partial_name(url, rel)
+    part = os.path.join(ctx.partial_str, name)
+    meta = part[:-5] + ".json"
+    maybe_partial = name in ctx.partials
     mismatches = 0
     host = host_of(url)
     last: ItemError | None = None
@@ -211,7 +222,8 @@ def download_one(ctx: RunContext, client: HttpClient, url: str, rel: str,
             break
         result.attempts += 1
         try:
-            got = _attempt(ctx, client, url, shown, host, part, meta, rel, retarget)
+            got = _attempt(ctx, client, url, shown, host, part, meta, rel, retarget,
+                           maybe_partial or result.attempts > 1)
             size, digest, rel = got.size, got.sha256, got.rel
             result.path = rel
             if expected_sha and digest != expected_sha:
@@ -262,11 +274,12 @@ class _Transfer:
 
 
 def _attempt(ctx: RunContext, client: HttpClient, url: str, shown: str, host: str,
-             part: Path, meta: Path, rel: str, retarget: Retarget | None) -> _Transfer:
+             part: str, meta: str, rel: str, retarget: Retarget | None,
+             maybe_partial: bool) -> _Transfer:
     """One GET: resume if possible, stream, verify length."""
     cfg = ctx.config
     offset, validator = 0, ""
-    if part.name in ctx.partials or part.exists():
+    if maybe_partial:
         resumed = SplitDownload.resumable(ctx, url, shown, part, meta)
         if resumed is not None:  # an earlier run's segmented transfer: finish its segments
             with ctx.gate.slot(host):
@@ -321,7 +334,7 @@ def _attempt(ctx: RunContext, client: HttpClient, url: str, shown: str, host: st
     return _Transfer(size, digest, resp.status, rel, sidecar=bool(offset or sidecar))
 
 
-def _stream(ctx: RunContext, resp: Response, part: Path, offset: int,
+def _stream(ctx: RunContext, resp: Response, part: str, offset: int,
             shown: str) -> tuple[int, str]:
     """Append the body to ``part`` while hashing it; returns (total size, sha256)."""
     hasher = hashlib.sha256()
@@ -360,26 +373,29 @@ def _stream(ctx: RunContext, resp: Response, part: Path, offset: int,
     return size, hasher.hexdigest()
 
 
-def _publish(ctx: RunContext, part: Path, meta: Path, rel: str, shown: str,
+def _publish(ctx: RunContext, part: str, meta: str, rel: str, shown: str,
              resumable: bool) -> None:
-    final, _ = ctx.target(rel)
+    # No lstat of the target here: os.replace never follows a symlink at the final
+    # name, and the parent directories were checked (ensure_parent) for this run.
+    final = ctx.dest_str + "/" + rel
     try:
-        ctx.ensure_parent(rel, final)
+        ctx.ensure_parent(rel)
         os.replace(part, final)
     except OSError as exc:
         raise _storage_error(exc, shown) from exc
     if resumable:
         with contextlib.suppress(FileNotFoundError):
-            meta.unlink()
+            os.unlink(meta)
 
 
-def _resume_point(part: Path, meta: Path, url: str) -> tuple[int, str]:
+def _resume_point(part: str, meta: str, url: str) -> tuple[int, str]:
     try:
-        size = part.stat().st_size
+        size = os.stat(part).st_size
     except FileNotFoundError:
         return 0, ""
     try:
-        info = json.loads(meta.read_text(encoding="utf-8"))
+        with open(meta, encoding="utf-8") as fh:
+            info = json.load(fh)
     except (OSError, ValueError):
         info = {}
     validator = info.get("validator") if isinstance(info, dict) else None
@@ -388,13 +404,14 @@ def _resume_point(part: Path, meta: Path, url: str) -> tuple[int, str]:
     return 0, ""  # nothing safe to resume from: If-Range needs a validator
 
 
-def _write_meta(meta: Path, url: str, resp: Response, total: int | None) -> None:
+def _write_meta(meta: str, url: str, resp: Response, total: int | None) -> None:
     validator = resp.headers.get("ETag") or resp.headers.get("Last-Modified") or ""
     if validator.startswith("W/"):
         validator = ""  # weak ETags are not allowed in If-Range
     data = json.dumps({"url": url, "validator": validator, "total": total})
     try:
-        meta.write_text(data, encoding="utf-8")
+        with open(meta, "w", encoding="utf-8") as fh:
+            fh.write(data)
     except OSError as exc:
         raise _storage_error(exc, redact(url)) from exc
 
@@ -426,7 +443,7 @@ def _storage_error(exc: OSError, shown: str) -> StorageError:
                         disk_full=exc.errno in _DISK_ERRNOS)
 
 
-def _remove(*paths: Path) -> None:
+def _remove(*paths: str) -> None:
     for p in paths:
         with contextlib.suppress(FileNotFoundError):
-            p.unlink()
+            os.unlink(p)

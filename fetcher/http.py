@@ -257,9 +257,10 @@ class HttpClient:
             hdrs = dict(self._base_headers)
             if headers:
                 hdrs.update(headers)
-            if auth_header and host_of(current) == origin_host:
+            same_host = current is url or host_of(current) == origin_host
+            if auth_header and same_host:
                 hdrs["Authorization"] = auth_header
-            elif host_of(current) != origin_host:
+            elif not same_host:
                 hdrs.pop("Authorization", None)
                 hdrs.pop("Cookie", None)
             resp = self._request(current, hdrs)

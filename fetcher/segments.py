@@ -18,7 +18,6 @@ import json
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 from .config import FetchConfig
@@ -47,7 +46,7 @@ def plan(total: int, parts: int) -> list[list[int]]:
 class SplitDownload:
     """One segmented transfer into ``part``; ``run`` returns (size, sha256)."""
 
-    def __init__(self, ctx: Any, url: str, shown: str, part: Path, meta: Path, total: int,
+    def __init__(self, ctx: Any, url: str, shown: str, part: str, meta: str, total: int,
                  validator: str, segments: list[list[int]]) -> None:
         self.ctx, self.cfg = ctx, ctx.config
         self.url, self.shown = url, shown
@@ -58,12 +57,13 @@ class SplitDownload:
         self._failed = threading.Event()  # one segment gave up: the others stop too
 
     @classmethod
-    def resumable(cls, ctx: Any, url: str, shown: str, part: Path,
-                  meta: Path) -> SplitDownload | None:
+    def resumable(cls, ctx: Any, url: str, shown: str, part: str,
+                  meta: str) -> SplitDownload | None:
         """A split transfer to continue from an earlier run's sidecar, if there is one."""
         try:
-            info = json.loads(meta.read_text(encoding="utf-8"))
-            size = part.stat().st_size
+            with open(meta, encoding="utf-8") as fh:
+                info = json.load(fh)
+            size = os.stat(part).st_size
         except (OSError, ValueError):
             return None
         if not isinstance(info, dict) or info.get("url") != url or "segments" not in info:
@@ -187,4 +187,5 @@ class SplitDownload:
     def _save(self) -> None:
         data = {"url": self.url, "validator": self.validator, "total": self.total,
                 "segments": self.segments}
-        self.meta.write_text(json.dumps(data), encoding="utf-8")
+        with open(self.meta, "w", encoding="utf-8") as fh:
+            fh.write(json.dumps(data))
