@@ -15,12 +15,14 @@ One driver, three backends (``mode``):
 Behaviour common to every backend:
 
 * Input is consumed lazily: chunks are cut from the iterator only when a worker is
-  free and fewer than ``4 * workers`` chunks are open (dispatched, not yet
-  returned), so an infinite generator works and memory stays flat.
+  free, fewer than ``4 * workers`` chunks are open (dispatched, not yet returned)
+  and fewer than 524,288 items are open, so an infinite generator works and memory
+  stays flat (about 40 MiB for small items, whatever the input's length).
 * ``chunksize="auto"`` starts at one item per chunk and, from the worker-measured
   time per item, grows (at most doubling per finished chunk) towards chunks of
-  about 20 ms, capped at 65,536 items. Tiny tasks then cost well under a
-  microsecond of overhead each; slow tasks stay one per chunk.
+  about 20 ms, capped at 65,536 items (less with many workers, so each can have two
+  chunks within the open-item bound). Tiny tasks then cost well under a microsecond
+  of overhead each; slow tasks stay one per chunk.
 * ``ordered=True`` yields results in input order; ``False`` as chunks complete.
 * ``progress`` (a ``fetcher.progress.Progress``) gets ``start(total, unit="item")``
   (``total`` None when the input has no length), ``update(n)`` per finished chunk,
@@ -100,6 +102,8 @@ OnError = Literal["collect", "raise"]
 _MODES = ("process", "thread", "sequential")
 _TARGET_CHUNK_S = 0.02
 _MAX_CHUNK = 65_536
+_MAX_OPEN_ITEMS = 1 << 19
+"""Items taken from the input and not yet returned, at most (plus one chunk)."""
 _PICKLE = pickle.HIGHEST_PROTOCOL
 _short = reprlib.Repr()
 _short.maxstring = 60
@@ -852,16 +856,17 @@ atexit.register(shutdown_pools)
 class _AutoChunker:
     """Chunk sizes from worker-measured time per item: about 20 ms per chunk."""
 
-    def __init__(self) -> None:
+    def __init__(self, workers: int) -> None:
         self.size = 1
         self._per_item = 0.0
+        self._max = max(1, min(_MAX_CHUNK, _MAX_OPEN_ITEMS // (2 * workers)))
 
     def observe(self, n: int, elapsed: float) -> None:
         if n <= 0:
             return
         per = elapsed / n
         self._per_item = per if self._per_item == 0.0 else 0.5 * (self._per_item + per)
-        ideal = max(1, min(_MAX_CHUNK, int(_TARGET_CHUNK_S / max(self._per_item, 1e-9))))
+        ideal = max(1, min(self._max, int(_TARGET_CHUNK_S / max(self._per_item, 1e-9))))
         self.size = min(ideal, max(self.size, 2 * n))
 
 
@@ -949,7 +954,7 @@ def _chunks(fn: Callable[[Any], Any], payload: bytes | None, items: Iterable[Any
     prog: Progress = progress if progress is not None else NullProgress()
     total = len(items) if isinstance(items, Sized) else None
     stop = on_error == "raise"
-    chunker = _AutoChunker() if chunksize == "auto" else _FixedChunker(int(chunksize))
+    chunker = _AutoChunker(workers) if chunksize == "auto" else _FixedChunker(int(chunksize))
     backend = _open_backend(mode, workers)
     window = max(4, 4 * backend.workers)
     clean = False
@@ -962,6 +967,7 @@ def _chunks(fn: Callable[[Any], Any], payload: bytes | None, items: Iterable[Any
         open_chunks: deque[_Chunk] = deque()  # ordered: in input order
         finished: deque[_Chunk] = deque()  # unordered: completion order
         n_open = 0
+        open_items = 0  # taken from the input, not yet returned
         consumed = 0
         exhausted = False
         while True:
@@ -969,13 +975,14 @@ def _chunks(fn: Callable[[Any], Any], payload: bytes | None, items: Iterable[Any
                 if requeue:
                     backend.send(requeue.popleft())
                     continue
-                if exhausted or n_open >= window:
+                if exhausted or n_open >= window or open_items >= _MAX_OPEN_ITEMS:
                     break
                 size = chunker.size
                 batch = list(itertools.islice(it, size))
                 if batch:
                     chunk = _Chunk(consumed, batch)
                     consumed += len(batch)
+                    open_items += len(batch)
                     n_open += 1
                     if ordered:
                         open_chunks.append(chunk)
@@ -989,13 +996,16 @@ def _chunks(fn: Callable[[Any], Any], payload: bytes | None, items: Iterable[Any
                 while open_chunks and open_chunks[0].left == 0:
                     done = open_chunks.popleft()
                     n_open -= 1
+                    open_items -= len(done.items)
                     yielded = True
                     yield done.values  # type: ignore[misc]
             else:
                 while finished:
+                    done = finished.popleft()
                     n_open -= 1
+                    open_items -= len(done.items)
                     yielded = True
-                    yield finished.popleft().values  # type: ignore[misc]
+                    yield done.values  # type: ignore[misc]
             if exhausted and n_open == 0 and not requeue:
                 break
             if yielded:
