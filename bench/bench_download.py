@@ -33,7 +33,6 @@ import common
 from common import GiB, KiB, MiB
 
 SUITES = ("small", "bigfile", "big4", "split", "urllist")
-URLLIST_DEFAULT = 100_000  # lines in a default run; 1,000,000 takes ~15 min (see README)
 
 # A plain thread pool of requests sessions: what a Python user writes first.
 REQUESTS_SCRIPT = """
@@ -189,12 +188,14 @@ def _fetcher_version() -> str:
         text=True,
         cwd=common.REPO_ROOT,
     )
-    sha = subprocess.run(
-        ["git", "-C", str(common.REPO_ROOT), "rev-parse", "--short", "HEAD"],
-        capture_output=True,
-        text=True,
+    git = ["git", "-C", str(common.REPO_ROOT)]
+    sha = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    dirty = subprocess.run(
+        [*git, "status", "--porcelain", "--", "fetcher"], capture_output=True, text=True
+    ).stdout.strip()
+    return f"fetcher {out.stdout.strip() or '?'} @ {sha.stdout.strip() or '?'}" + (
+        " + uncommitted changes" if dirty else ""
     )
-    return f"fetcher {out.stdout.strip() or '?'} @ {sha.stdout.strip() or '?'}"
 
 
 def fetcher_tool(name: str = "fetcher", *extra: str, threads: bool = True) -> Tool:
@@ -334,6 +335,7 @@ class Settings:
     quick: bool
     only: set[str] | None
     urllist_lines: int | None
+    urllist_budget: float
     timeout: float | None
     meter: common.CpuMeter | None = None  # restarted for each suite
     outputs: common.OutputRoots | None = None
@@ -704,79 +706,103 @@ def _urllist_run(
 
 
 def suite_urllist(ng: common.Nginx, s: Settings) -> dict[str, Any]:
-    """fetcher's peak RSS and wall time while streaming an N-line URL list.
+    """fetcher's peak RSS and wall time while streaming a 1,000,000-line URL list.
 
     Every URL is distinct and real: nginx answers ``/t/...`` with a 1-byte body
     without touching its disk, so what is measured is fetcher's per-URL cost
     (parse, name, request, write a file, a manifest line) and whatever memory it
-    keeps per URL. Three runs, no warm-up (this suite is about memory):
+    keeps per URL. No warm-up (this suite is about memory). Four runs:
 
-    1. fresh, N/10 lines (for the growth slope);
-    2. fresh, N lines;
-    3. the identical command again in the same dir: the manifest records all N
-       complete, so nothing is requested (the re-run path).
+    1. fresh, M = N/10 lines; 2. the same command again (re-run: the manifest
+       records all M complete, so nothing is requested);
+    3. fresh, N lines; 4. re-run of N lines.
 
-    Peak RSS growth per line between runs 1 and 2 gives a projection to 1,000,000
-    lines when N is smaller (labelled as a projection, not a measurement).
+    N defaults to 1,000,000. Unless ``--urllist-lines`` is given, N is scaled
+    down when run 1's speed says run 3 would exceed ``--urllist-budget`` seconds;
+    the growth per line between M and N then gives a projection to 1,000,000
+    (printed as a projection, not a measurement).
     """
-    lines = s.urllist_lines or (20_000 if s.quick else URLLIST_DEFAULT)
-    small_lines = max(1, lines // 10)
-    timeout = s.timeout or (120 if s.quick else 1500)
+    target = s.urllist_lines or (20_000 if s.quick else 1_000_000)
+    small = max(1, target // 10)
     tool = fetcher_tool()
     why = tool.check()
-    params: dict[str, Any] = {"lines": lines, "workers": 16}
-    # 1-byte files + a manifest line (~300 B) each, twice over for the N/10 run's slack
-    out = s.out_root(common.files_footprint(lines, 1) + lines * 400, params) / "urllist"
+    params: dict[str, Any] = {"lines": target, "workers": 16}
+    # 1-byte files (a page each on tmpfs) + a manifest line (~300 B) each
+    out = s.out_root(common.files_footprint(target, 1) + target * 400, params) / "urllist"
     base = f"{ng.base_url}/t"
-    lst_small, lst = (s.work / "lists" / f"urllist-{n}.txt" for n in (small_lines, lines))
-    names = (
-        f"fetcher fresh {small_lines:,}",
-        f"fetcher fresh {lines:,}",
-        f"fetcher re-run {lines:,}",
-    )
+    notes: list[str] = []
     results: list[ToolResult] = []
+    lines = target
     if why:
-        results = [ToolResult(n, status="not available", reason=why) for n in names]
+        results = [
+            ToolResult(f"fetcher {kind} {n:,}", status="not available", reason=why)
+            for n in (small, target)
+            for kind in ("fresh", "re-run")
+        ]
     else:
-        # /t/NNN/uNNNNNNN: 10,000 files per directory, like a real mirror tree.
-        common.write_lines(
-            lst_small, (f"{base}/s{i // 10000:03d}/u{i:07d}" for i in range(small_lines))
-        )
-        common.write_lines(lst, (f"{base}/{i // 10000:03d}/u{i:07d}" for i in range(lines)))
-        common.empty_dir(out)
-        results.append(_urllist_run(tool, lst_small, out, small_lines, names[0], timeout))
-        common.empty_dir(out)
-        results.append(_urllist_run(tool, lst, out, lines, names[1], timeout))
-        if results[-1].status == "ok":
-            results.append(_urllist_run(tool, lst, out, lines, names[2], timeout))
-        else:
-            results.append(ToolResult(names[2], status="failed", reason="fresh run failed"))
-        t0 = time.perf_counter()
-        common.remove_tree(out)
-        common.log(f"urllist: removed {lines:,} output files in {time.perf_counter() - t0:.1f} s")
-        for p in (lst_small, lst):
-            p.unlink(missing_ok=True)
-    notes = [
+        for n, prefix in ((small, "s"), (target, "")):
+            if n == target and results[0].status == "ok" and not s.urllist_lines:
+                # Scale down when the full list would not fit the time budget.
+                rate = results[0].extra["urls_per_s"]
+                estimate = target / rate
+                if estimate > s.urllist_budget:
+                    lines = max(small * 2, int(rate * s.urllist_budget) // 10_000 * 10_000)
+                    notes.append(
+                        f"scaled down from {target:,} to {lines:,} lines: at {rate:,.0f} URLs/s "
+                        f"the full list would take ~{estimate:.0f} s, over the "
+                        f"{s.urllist_budget:.0f} s budget (--urllist-budget)"
+                    )
+                    n = lines
+            elif n == target:
+                lines = n
+            lst = s.work / "lists" / f"urllist-{prefix}{n}.txt"
+            # /t/NNN/uNNNNNNN: 10,000 files per directory, like a real mirror tree.
+            common.write_lines(lst, (f"{base}/{prefix}{i // 10000:03d}/u{i:07d}" for i in range(n)))
+            timeout = s.timeout or max(120.0, 3 * s.urllist_budget)
+            common.empty_dir(out)
+            fresh = _urllist_run(tool, lst, out, n, f"fetcher fresh {n:,}", timeout)
+            results.append(fresh)
+            if fresh.status == "ok":
+                results.append(_urllist_run(tool, lst, out, n, f"fetcher re-run {n:,}", timeout))
+            else:
+                results.append(
+                    ToolResult(f"fetcher re-run {n:,}", status="failed", reason="fresh run failed")
+                )
+            t0 = time.perf_counter()
+            common.remove_tree(out)
+            common.log(f"urllist: removed {n:,} output files in {time.perf_counter() - t0:.1f} s")
+            lst.unlink(missing_ok=True)
+    params["lines"] = lines
+    notes.insert(
+        0,
         f"{lines:,} distinct URLs, each a real 1-byte 200 from nginx (/t/...), 16 threads; "
         "one run each, no warm-up: this suite measures memory, not speed",
-    ]
+    )
     for r in results:
         if r.status == "ok":
             notes.append(f"{r.name}: {r.extra['urls_per_s']:,.0f} URLs/s")
-    r_small, r_big = results[0], results[1]
-    projection = None
-    if r_small.rss and r_big.rss and r_big.status == "ok" and lines > small_lines:
-        per_line = (r_big.rss[0] - r_small.rss[0]) * MiB / (lines - small_lines)
-        projection = r_big.rss[0] + per_line * (1_000_000 - lines) / MiB
-        notes.append(
-            f"peak RSS growth: {per_line:,.0f} bytes per line ({small_lines:,} -> {lines:,} lines)"
-        )
-        if lines < 1_000_000:
-            notes.append(
-                f"scaled down from 1,000,000 lines (--urllist-lines {lines}); "
-                f"linear PROJECTION to 1,000,000 lines: {projection:.0f} MiB "
-                "(run --urllist-lines 1000000 to measure it)"
-            )
+    projections: dict[str, float] = {}
+    for i, kind in ((0, "fresh"), (1, "re-run")):
+        a, b = results[i], results[i + 2]
+        if a.status == "ok" and b.status == "ok" and lines > small:
+            per_line = (b.rss[0] - a.rss[0]) * MiB / (lines - small)
+            if per_line <= 0:
+                notes.append(
+                    f"{kind}: peak RSS did not grow with the list "
+                    f"({a.rss[0]:.1f} MiB at {small:,}, {b.rss[0]:.1f} MiB at {lines:,} lines)"
+                )
+                per_line = 0.0
+            else:
+                notes.append(
+                    f"{kind}: peak RSS grows {per_line:,.0f} bytes per line "
+                    f"({small:,} -> {lines:,} lines)"
+                )
+            if lines < 1_000_000:
+                projections[kind] = b.rss[0] + per_line * (1_000_000 - lines) / MiB
+                notes.append(
+                    f"{kind}: linear PROJECTION to 1,000,000 lines: "
+                    f"{projections[kind]:.0f} MiB (not measured)"
+                )
     data = finish(
         "urllist",
         results,
@@ -786,10 +812,10 @@ def suite_urllist(ng: common.Nginx, s: Settings) -> dict[str, Any]:
         settings=dataclasses.replace(s, warmup=0),
         rounds=1,
         rate=None,
-        targets=[(names[1], "peak RSS < 200 MiB", 200.0), (names[2], "peak RSS < 200 MiB", 200.0)],
+        targets=[(r.name, "peak RSS < 200 MiB", 200.0) for r in results[2:]],
         notes=notes,
     )
-    data["projection_1m_rss_mib"] = projection
+    data["projection_1m_rss_mib"] = projections or None
     common.write_json(common.RESULTS_DIR / "urllist.json", data)
     return data
 
@@ -811,7 +837,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=1, help="discarded warm-up rounds (default 1)")
     ap.add_argument("--quick", action="store_true", help="smaller sizes and fewer rounds")
     ap.add_argument("--only", help="comma-separated tools to run besides fetcher")
-    ap.add_argument("--urllist-lines", type=int, help="lines in the urllist suite")
+    ap.add_argument(
+        "--urllist-lines",
+        type=int,
+        help="lines in the urllist suite (default 1,000,000, scaled to the budget; quick 20,000)",
+    )
+    ap.add_argument(
+        "--urllist-budget",
+        type=float,
+        default=240,
+        help="seconds the big urllist run may take before it is scaled down (default 240)",
+    )
     ap.add_argument("--timeout", type=float, help="per-run timeout in seconds")
     ap.add_argument("--work", type=Path, default=common.DEFAULT_WORK, help="work directory")
     ap.add_argument(
@@ -832,6 +868,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         quick=args.quick,
         only=set(args.only.split(",")) if args.only else None,
         urllist_lines=args.urllist_lines,
+        urllist_budget=args.urllist_budget,
         timeout=args.timeout,
         outputs=common.OutputRoots(args.out, args.work.resolve()),
     )
