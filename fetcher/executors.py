@@ -11,6 +11,8 @@ One driver, three backends (``mode``):
 ``"thread"``   daemon threads (so Ctrl-C never waits for them); for I/O-bound or
                GIL-releasing work.
 ``"sequential"`` runs in the calling thread; for debugging and tiny inputs.
+``"dask"``     each chunk is a task on a Dask cluster (``address=`` a scheduler address
+               or a ``distributed.Client``; None: a LocalCluster); ``fetcher.cluster``.
 
 Behaviour common to every backend:
 
@@ -96,10 +98,10 @@ __all__ = [
 
 T = TypeVar("T")
 R = TypeVar("R")
-Mode = Literal["process", "thread", "sequential"]
+Mode = Literal["process", "thread", "sequential", "dask"]
 OnError = Literal["collect", "raise"]
 
-_MODES = ("process", "thread", "sequential")
+_MODES = ("process", "thread", "sequential", "dask")
 _TARGET_CHUNK_S = 0.02
 _MAX_CHUNK = 65_536
 _MAX_OPEN_ITEMS = 1 << 19
@@ -921,13 +923,19 @@ def _validate(mode: str, workers: int | None, chunksize: int | str, on_error: st
         raise ConfigError(f"workers must be a positive int or None, got {workers!r}")
     if mode == "sequential":
         return 1
+    if mode == "dask":
+        return workers or 0  # 0: the cluster's worker threads (fetcher.cluster)
     if workers is not None:
         return workers
     n = usable_cpu_count()
     return n if mode == "process" else min(32, n + 4)
 
 
-def _open_backend(mode: str, workers: int) -> _Backend:
+def _open_backend(mode: str, workers: int, address: Any = None) -> _Backend:
+    if mode == "dask":
+        from .cluster import open_backend
+
+        return open_backend(workers or None, address)
     if mode == "process":
         return _acquire_process(workers)
     if mode == "thread":
@@ -949,13 +957,14 @@ def _release_backend(b: _Backend, *, clean: bool) -> None:
 
 def _chunks(fn: Callable[[Any], Any], payload: bytes | None, items: Iterable[Any], *,
             mode: str, workers: int, chunksize: int | str, ordered: bool, on_error: str,
-            progress: Progress | None) -> Generator[list[Any], None, None]:
+            progress: Progress | None, address: Any = None) -> Generator[list[Any], None, None]:
     """The driver: yields lists of results (values or TaskErrors), chunk by chunk."""
     prog: Progress = progress if progress is not None else NullProgress()
     total = len(items) if isinstance(items, Sized) else None
     stop = on_error == "raise"
-    chunker = _AutoChunker(workers) if chunksize == "auto" else _FixedChunker(int(chunksize))
-    backend = _open_backend(mode, workers)
+    backend = _open_backend(mode, workers, address)
+    chunker = _AutoChunker(backend.workers) if chunksize == "auto" else \
+        _FixedChunker(int(chunksize))
     window = max(4, 4 * backend.workers)
     clean = False
     fid: int | None = None
@@ -1095,16 +1104,19 @@ def _prepare(fn: Callable[[Any], Any], mode: str, workers: int | None, chunksize
 def parallel_imap(fn: Callable[[T], R], items: Iterable[T], *, mode: Mode = ...,
                   workers: int | None = ..., chunksize: int | Literal["auto"] = ...,
                   ordered: bool = ..., on_error: Literal["raise"],
-                  progress: Progress | None = ...) -> Generator[R, None, None]: ...
+                  progress: Progress | None = ..., address: Any = ...
+                  ) -> Generator[R, None, None]: ...
 @overload
 def parallel_imap(fn: Callable[[T], R], items: Iterable[T], *, mode: Mode = ...,
                   workers: int | None = ..., chunksize: int | Literal["auto"] = ...,
                   ordered: bool = ..., on_error: Literal["collect"] = ...,
-                  progress: Progress | None = ...) -> Generator[R | TaskError, None, None]: ...
+                  progress: Progress | None = ..., address: Any = ...
+                  ) -> Generator[R | TaskError, None, None]: ...
 def parallel_imap(fn: Callable[[Any], Any], items: Iterable[Any], *, mode: Mode = "process",
                   workers: int | None = None, chunksize: int | Literal["auto"] = "auto",
                   ordered: bool = True, on_error: OnError = "collect",
-                  progress: Progress | None = None) -> Generator[Any, None, None]:
+                  progress: Progress | None = None, address: Any = None
+                  ) -> Generator[Any, None, None]:
     """Lazily map ``fn`` over ``items``; a generator of results (see the module docstring).
 
     Options are validated and ``fn`` is checked for picklability now; workers start at
@@ -1113,7 +1125,7 @@ def parallel_imap(fn: Callable[[Any], Any], items: Iterable[Any], *, mode: Mode 
     """
     n, payload = _prepare(fn, mode, workers, chunksize, on_error)
     gen = _chunks(fn, payload, items, mode=mode, workers=n, chunksize=chunksize,
-                  ordered=ordered, on_error=on_error, progress=progress)
+                  ordered=ordered, on_error=on_error, progress=progress, address=address)
     return _flatten(gen)
 
 
@@ -1129,20 +1141,22 @@ def _flatten(gen: Generator[list[Any], None, None]) -> Generator[Any, None, None
 def parallel_map(fn: Callable[[T], R], items: Iterable[T], *, mode: Mode = ...,
                  workers: int | None = ..., chunksize: int | Literal["auto"] = ...,
                  ordered: bool = ..., on_error: Literal["raise"],
-                 progress: Progress | None = ...) -> list[R]: ...
+                 progress: Progress | None = ..., address: Any = ...) -> list[R]: ...
 @overload
 def parallel_map(fn: Callable[[T], R], items: Iterable[T], *, mode: Mode = ...,
                  workers: int | None = ..., chunksize: int | Literal["auto"] = ...,
                  ordered: bool = ..., on_error: Literal["collect"] = ...,
-                 progress: Progress | None = ...) -> list[R | TaskError]: ...
+                 progress: Progress | None = ..., address: Any = ...) -> list[R | TaskError]: ...
 def parallel_map(fn: Callable[[Any], Any], items: Iterable[Any], *, mode: Mode = "process",
                  workers: int | None = None, chunksize: int | Literal["auto"] = "auto",
                  ordered: bool = True, on_error: OnError = "collect",
-                 progress: Progress | None = None) -> list[Any]:
+                 progress: Progress | None = None, address: Any = None) -> list[Any]:
     """Map ``fn`` over ``items`` on ``workers`` processes/threads; a list of results.
 
     ``mode``: "process" (default; ``workers`` defaults to the usable CPU count),
-    "thread" (default ``min(32, cpus + 4)``) or "sequential". With
+    "thread" (default ``min(32, cpus + 4)``), "sequential", or "dask" (chunks as tasks
+    on the Dask scheduler at ``address``, or a ``distributed.Client``; None: a
+    LocalCluster; see ``fetcher.cluster``; needs ``fetcher[dask]``). With
     ``on_error="collect"`` a failed item's slot holds a ``TaskError`` (a
     ``WorkerLostError`` if its worker process was killed); with ``"raise"`` the first
     failure is re-raised as its original type. ``ordered=False`` lists results in
@@ -1150,7 +1164,7 @@ def parallel_map(fn: Callable[[Any], Any], items: Iterable[Any], *, mode: Mode =
     """
     n, payload = _prepare(fn, mode, workers, chunksize, on_error)
     gen = _chunks(fn, payload, items, mode=mode, workers=n, chunksize=chunksize,
-                  ordered=ordered, on_error=on_error, progress=progress)
+                  ordered=ordered, on_error=on_error, progress=progress, address=address)
     try:
         return list(itertools.chain.from_iterable(gen))
     finally:
@@ -1174,6 +1188,8 @@ class TaskPool(Generic[T, R]):
 
     def __init__(self, fn: Callable[[T], R], *, mode: Mode = "process",
                  workers: int | None = None, max_pending: int | None = None) -> None:
+        if mode == "dask":
+            raise ConfigError("TaskPool runs on local workers only; use parallel_map(mode='dask')")
         n, payload = _prepare(fn, mode, workers, 1, "collect")
         if max_pending is not None and max_pending < 1:
             raise ConfigError(f"max_pending must be positive, got {max_pending!r}")
@@ -1190,6 +1206,7 @@ class TaskPool(Generic[T, R]):
         self._inflight: set[_Task] = set()
         self._closing = False
         self._cancel = False
+        self._failed: BaseException | None = None
         self._seq = itertools.count()
         self._thread = threading.Thread(target=self._loop, name="fetcher-taskpool",
                                         daemon=True)
@@ -1197,19 +1214,26 @@ class TaskPool(Generic[T, R]):
 
     def submit(self, item: T) -> Future[R]:
         """Queue ``item``; blocks while ``max_pending`` items are unfinished."""
-        if self._closing:
-            raise RuntimeError("TaskPool is closed")
+        self._check_open()
         self._slots.acquire()
         fut: Future[R] = Future()
         chunk = _Chunk(next(self._seq), [item])
         chunk.extra = fut
         with self._lock:
-            if self._closing:
+            try:
+                self._check_open()
+            except BaseException:
                 self._slots.release()
-                raise RuntimeError("TaskPool is closed")
+                raise
             self._queue.append(_Task(chunk, None, self._fid, False))
         self._backend.wake()
         return fut
+
+    def _check_open(self) -> None:
+        if self._failed is not None:
+            raise RuntimeError(f"the task pool failed: {self._failed}") from self._failed
+        if self._closing:
+            raise RuntimeError("the task pool is closed")
 
     def _resolve(self, task: _Task, *, value: Any = None,
                  exc: BaseException | None = None) -> None:
@@ -1244,7 +1268,9 @@ class TaskPool(Generic[T, R]):
                     break
                 for ev in backend.wait(None):
                     self._handle(ev)
-        except BaseException as exc:  # pragma: no cover - backend failure
+        except BaseException as exc:  # the backend failed (workers cannot start, ...)
+            with self._lock:
+                self._failed = exc
             self._fail_all(exc)
             backend.terminate()
             return

@@ -24,6 +24,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_exec_helpers import (
     Unpicklable,
+    exit_at_once,
     fail_first_then_slow,
     fail_on_sevens,
     jitter_square,
@@ -307,6 +308,22 @@ def test_workers_default_to_usable_cpus_and_method_is_explicit(
     monkeypatch.setenv("FETCHER_START_METHOD", "bogus")
     with pytest.raises(ConfigError):
         start_method()
+
+
+def test_workers_that_cannot_start_give_a_clear_error(monkeypatch: pytest.MonkeyPatch
+                                                      ) -> None:
+    monkeypatch.setattr(executors, "_worker_main", exit_at_once)
+    t0 = time.monotonic()
+    with pytest.raises(ConfigError, match="die while starting"):
+        parallel_map(square, range(10), mode="process", workers=3)
+    assert time.monotonic() - t0 < 10
+    pool: TaskPool[int, int] = TaskPool(square, mode="process", workers=1)
+    first = pool.submit(1)
+    with pytest.raises(ConfigError, match="die while starting"):
+        first.result(timeout=10)
+    with pytest.raises(RuntimeError, match="failed"):
+        pool.submit(2)
+    pool.close()
 
 
 def test_early_close_of_imap_leaves_the_pool_usable() -> None:
