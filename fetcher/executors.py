@@ -41,7 +41,11 @@ Errors (``on_error``):
                ``except ValueError`` works) with a note carrying the item index and
                the worker's traceback; nothing further is dispatched, a worker stops
                its chunk at the failing item, chunks already running finish in the
-               background and are discarded.
+               background and are discarded (closing a ``parallel_imap`` early does
+               the same; a next call on the warm pool may wait for those workers).
+
+``TaskPool`` gives single-item futures over the same backends with a bound on
+unfinished items (``submit`` blocks): the post-processing pipeline uses it.
 
 A process worker killed by the OS (SIGKILL, OOM killer) is detected through its
 sentinel: the item it was running (known from a shared-memory slot the worker

@@ -351,7 +351,8 @@ import os, sys, time
 from fetcher.executors import parallel_map
 
 def slow(x):
-    print("started", os.getpid(), flush=True)
+    sys.stdout.write(f"started {os.getpid()}\\n")  # one write: threads do not interleave
+    sys.stdout.flush()
     time.sleep(60)
     return x
 
