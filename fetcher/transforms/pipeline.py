@@ -149,7 +149,8 @@ def process_paths(paths: Sequence[str | os.PathLike[str]], specs: Sequence[str |
                                  chunksize=1, ordered=True, on_error="collect",
                                  progress=progress))
     for i, p in enumerate(paths):
-        shown = display_path(Path(todo[i]), root)
+        inside = Path(todo[i]).is_relative_to(root)
+        shown = display_path(Path(todo[i]), root) if inside else os.fspath(p)
         result = Result(url=os.fspath(p), path=shown, status="ok")
         if i in clashes:
             result.fail(ProcessingError(

@@ -167,6 +167,7 @@ def test_process_paths_reports_every_path(dest: Path, tmp_path: Path, processes:
     assert by_url[str(dest / "sub/b.txt")].outputs == [".fetcher/derived/upper/sub/b.txt"]
     assert by_url[str(dest / "sub/b.txt")].path == "sub/b.txt"
     assert by_url[str(outside)].outputs == [".fetcher/derived/upper/c.txt"]
+    assert by_url[str(outside)].path == str(outside)
     missing = by_url[str(dest / "missing.txt")]
     assert missing.status == "failed" and missing.error_type == "ProcessingError"
     assert "no such file" in (missing.error or "")
