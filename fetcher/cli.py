@@ -118,6 +118,7 @@ def get(
     processes: Annotated[int | None, typer.Option(help="Post-processing processes (default: CPU count).")] = None,
     sink: Annotated[str | None, typer.Option(help="Also write every manifest record to this sink URL.")] = None,
     sink_table: Annotated[str, typer.Option(help="Table (or shard prefix) the sink writes to.")] = "downloads",
+    cluster: Annotated[str | None, typer.Option(help="Dask scheduler address (tcp://host:8786): download and --post on its workers; DIR must be shared by all of them.")] = None,
     quiet: Annotated[bool, typer.Option("-q", "--quiet", help="No progress bar or summary.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout.")] = False,
 ) -> None:
@@ -138,7 +139,7 @@ def get(
         )
         fetcher = Fetcher(config, progress=TqdmProgress(disable=True if quiet else None),
                           post=post or (), processes=processes, sink=sink,
-                          sink_table=sink_table)
+                          sink_table=sink_table, cluster=cluster)
         cancel = threading.Event()
         with _Interrupts(cancel):
             report = fetcher.run(urls, output, cancel=cancel)
@@ -153,6 +154,7 @@ def process(
     post: Annotated[list[str], typer.Option(help="NAME[:ARGS] or package.module:function (repeatable, chained).")],
     processes: Annotated[int | None, typer.Option(help="Worker processes (default: CPU count).")] = None,
     output: Annotated[Path, typer.Option("-o", "--output", help="Directory the outputs go under.")] = Path("."),
+    cluster: Annotated[str | None, typer.Option(help="Dask scheduler address: run the transforms on its workers (paths and -o shared).")] = None,
     quiet: Annotated[bool, typer.Option("-q", "--quiet", help="No progress bar or summary.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout.")] = False,
 ) -> None:
@@ -165,8 +167,13 @@ def process(
     if missing:
         _die(f"not a file: {', '.join(missing[:5])}")
     try:
-        report = process_paths(paths, post, dest=output, processes=processes,
-                               progress=TqdmProgress(disable=True if quiet else None))
+        bar = TqdmProgress(disable=True if quiet else None)
+        if cluster is not None:
+            from .cluster import process_on_cluster
+
+            report = process_on_cluster(paths, post, dest=output, address=cluster, progress=bar)
+        else:
+            report = process_paths(paths, post, dest=output, processes=processes, progress=bar)
     except ConfigError as exc:
         _die(str(exc))
     raise typer.Exit(_render(report, as_json=as_json, quiet=quiet, what="files processed"))
@@ -180,6 +187,7 @@ def write(
     workers: Annotated[int, typer.Option(help="Parallel writer connections.")] = 2,
     key: Annotated[str | None, typer.Option(help="Unique key column: replays upsert, never duplicate.")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Rows per batch (default: chosen per sink).")] = None,
+    cluster: Annotated[str | None, typer.Option(help="Dask scheduler address: load on its workers, one file per task; INPUT may then be a directory of files.")] = None,
     quiet: Annotated[bool, typer.Option("-q", "--quiet", help="No progress bar or summary.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout.")] = False,
 ) -> None:
@@ -188,12 +196,19 @@ def write(
     from .progress import TqdmProgress
     from .writers import load_file
 
-    if not input.is_file():
+    if not input.is_file() and not (cluster and input.is_dir()):
         _die(f"input not found: {input}")
     try:
-        summary = load_file(input, sink_url, table=table, workers=workers, key=key,
-                            batch_size=batch_size,
-                            progress=TqdmProgress(disable=True if quiet else None))
+        bar = TqdmProgress(disable=True if quiet else None)
+        if cluster is not None:
+            from .cluster import load_on_cluster
+
+            summary = load_on_cluster(input, sink_url, address=cluster, table=table,
+                                      workers=workers, key=key, batch_size=batch_size,
+                                      progress=bar)
+        else:
+            summary = load_file(input, sink_url, table=table, workers=workers, key=key,
+                                batch_size=batch_size, progress=bar)
     except ConfigError as exc:
         _die(str(exc))
     except SinkError as exc:

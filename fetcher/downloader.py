@@ -53,13 +53,18 @@ class Fetcher:
 
     def __init__(self, config: FetchConfig | None = None, *, progress: Progress | None = None,
                  post: Sequence[str] = (), processes: int | None = None,
-                 sink: str | None = None, sink_table: str = "downloads") -> None:
+                 sink: str | None = None, sink_table: str = "downloads",
+                 cluster: Any = None, cluster_batch: int | None = None) -> None:
         self.config = config or FetchConfig()
         self.progress: Progress = progress or NullProgress()
         self.post = tuple(post)
         self.processes = processes
         self.sink = sink
         self.sink_table = sink_table
+        self.cluster = cluster
+        """Dask scheduler address or Client: download on its workers (``fetcher.cluster``)."""
+        self.cluster_batch = cluster_batch
+        """Items per Dask task with ``cluster`` (None: from the list size, 16-500)."""
         if self.post:
             from .transforms import parse_post
 
@@ -80,6 +85,10 @@ class Fetcher:
         dest_path = Path(dest)
         with contextlib.ExitStack() as stack:
             jobs, total = _prepare(urls, stack)
+            if self.cluster is not None:
+                from .cluster import run_cluster
+
+                return run_cluster(self, jobs, total, dest_path, cancel or threading.Event())
             return _Run(self, dest_path, cancel or threading.Event()).execute(jobs, total)
 
 
@@ -87,14 +96,18 @@ def fetch(urls: UrlSource, dest: str | os.PathLike[str] = ".", *,
           progress: Progress | None = None, post: Sequence[str] = (),
           processes: int | None = None, sink: str | None = None,
           session: Any = None, config: FetchConfig | None = None,
-          cancel: threading.Event | None = None, **options: Any) -> Report:
+          cancel: threading.Event | None = None, cluster: Any = None,
+          **options: Any) -> Report:
     """Download ``urls`` into ``dest`` concurrently and return a Report.
 
     ``options`` are ``FetchConfig`` fields (``threads``, ``retries``, ``timeout``,
     ``headers``, ``auth``, ``proxies``, ``verify``, ...). ``session`` takes headers,
     auth, proxies and TLS settings from a ``requests.Session``. ``post`` names
     transforms run on a process pool as files complete; ``sink`` is a writer URL that
-    receives every manifest record.
+    receives every manifest record. ``cluster`` (a Dask scheduler address such as
+    ``"tcp://10.0.0.5:8786"``, or a ``distributed.Client``) downloads and post-processes
+    on that cluster's workers into ``dest``, which every worker must reach at the same
+    path; the manifest and sink are written here (see ``fetcher.cluster``).
     """
     try:
         cfg = (config or FetchConfig()).replace(**options) if options else (
@@ -103,7 +116,8 @@ def fetch(urls: UrlSource, dest: str | os.PathLike[str] = ".", *,
         raise ConfigError(f"unknown fetch option: {exc}") from exc
     if session is not None:
         cfg = config_from_session(session, cfg)
-    fetcher = Fetcher(cfg, progress=progress, post=post, processes=processes, sink=sink)
+    fetcher = Fetcher(cfg, progress=progress, post=post, processes=processes, sink=sink,
+                      cluster=cluster)
     return fetcher.run(urls, dest, cancel=cancel)
 
 
