@@ -15,6 +15,7 @@ import functools
 import hashlib
 import json
 import os
+import queue
 import random
 import stat
 import threading
@@ -22,6 +23,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from .config import FetchConfig
 from .errors import (
@@ -42,6 +44,7 @@ from .segments import SplitDownload, plan, split_validator
 PARTIAL_DIR = Path(".fetcher") / "partial"
 _READ_BUF = 1024 * 1024
 RESUME_MIN_BYTES = 64 * 1024
+BACKGROUND_HASH_BYTES = 8 * 1024 * 1024
 _DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
 
 
@@ -325,7 +328,7 @@ def _attempt(ctx: RunContext, client: HttpClient, url: str, shown: str, host: st
             sidecar = total is None or total > RESUME_MIN_BYTES
             if sidecar:
                 _write_meta(meta, url, resp, total)
-            size, digest = _stream(ctx, resp, part, offset, shown)
+            size, digest = _stream(ctx, resp, part, offset, shown, total)
         finally:
             ctx.track(resp, add=False)
             resp.release()
@@ -334,10 +337,39 @@ def _attempt(ctx: RunContext, client: HttpClient, url: str, shown: str, host: st
     return _Transfer(size, digest, resp.status, rel, sidecar=bool(offset or sidecar))
 
 
+class _BackgroundHash:
+    """SHA-256 on another thread: hashlib releases the GIL on large buffers, so hashing
+    a big body runs on the second core while this thread receives and writes.
+
+    At ~1 GB/s, hashing inline would cost as much as the transfer itself.
+    """
+
+    def __init__(self, hasher: Any) -> None:
+        self._hasher = hasher
+        # Bounded: when hashing falls behind, the transfer waits instead of buffering.
+        self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=16)
+        self._thread = threading.Thread(target=self._run, name="fetcher-hash", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        get, update = self._queue.get, self._hasher.update
+        while (chunk := get()) is not None:
+            update(chunk)
+
+    def update(self, chunk: bytes) -> None:
+        self._queue.put(chunk)
+
+    def hexdigest(self) -> str:
+        self._queue.put(None)
+        self._thread.join()
+        digest: str = self._hasher.hexdigest()
+        return digest
+
+
 def _stream(ctx: RunContext, resp: Response, part: str, offset: int,
-            shown: str) -> tuple[int, str]:
+            shown: str, total: int | None = None) -> tuple[int, str]:
     """Append the body to ``part`` while hashing it; returns (total size, sha256)."""
-    hasher = hashlib.sha256()
+    hasher: Any = hashlib.sha256()
     flags = os.O_WRONLY | os.O_CREAT
     try:
         if offset:
@@ -349,6 +381,8 @@ def _stream(ctx: RunContext, resp: Response, part: str, offset: int,
             fd = os.open(part, flags | os.O_TRUNC)
     except OSError as exc:
         raise _storage_error(exc, shown) from exc
+    if total is None or total - offset >= BACKGROUND_HASH_BYTES:
+        hasher = _BackgroundHash(hasher)
     size = offset
     cancel = ctx.cancel
     try:
@@ -370,7 +404,8 @@ def _stream(ctx: RunContext, resp: Response, part: str, offset: int,
         raise
     finally:
         os.close(fd)
-    return size, hasher.hexdigest()
+        digest = hasher.hexdigest()  # also stops a background hasher on failure
+    return size, digest
 
 
 def _publish(ctx: RunContext, part: str, meta: str, rel: str, shown: str,
