@@ -46,6 +46,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def setup(self) -> None:
         super().setup()
+        # Headers and body go out in separate writes: without NODELAY, Nagle plus the
+        # client's delayed ACK would stall every keep-alive response by ~40 ms.
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         with self.server.lock:
             self.server.connections += 1
 
@@ -220,7 +223,8 @@ class TestServer:
         self._srv.log = []
         self._srv.lock = threading.Lock()
         self._srv.connections = self._srv.active = self._srv.max_active = 0
-        self._thread = threading.Thread(target=self._srv.serve_forever, daemon=True)
+        self._thread = threading.Thread(target=self._srv.serve_forever, args=(0.05,),
+                                        daemon=True)
 
     def start(self) -> TestServer:
         self._thread.start()
