@@ -80,7 +80,7 @@ def _render(report: Report, *, as_json: bool, quiet: bool, what: str = "files") 
         typer.echo(json.dumps(summary))
     for shown, failure in enumerate(report.failures):
         if shown == 20:
-            _err(f"  ... {len(report.failures) - 20} more failures in {report.manifest}")
+            _err(f"  ... {report.counts['failed'] - 20} more failures in {report.manifest}")
             break
         _err(f"  FAILED {failure.url}: {failure.error_type}: {failure.error}")
     if report.stopped:

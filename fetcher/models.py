@@ -16,6 +16,10 @@ MANIFEST_FIELDS: tuple[str, ...] = (
 )
 
 
+FAILURES_KEPT = 1000
+"""Failures a Report keeps in memory when it does not keep every result."""
+
+
 @dataclass(frozen=True, slots=True)
 class Job:
     """One entry of a URL list."""
@@ -92,12 +96,17 @@ class Report:
     """The sink writer's summary (rows, batches, seconds), when a sink was given."""
 
     def add(self, result: Result, *, keep: bool = True) -> None:
-        """Count ``result``; keep it in ``results`` when ``keep`` (failures always kept)."""
+        """Count ``result``; keep it in ``results`` when ``keep``.
+
+        Failures are always kept when ``keep``; otherwise (streaming a huge list, where
+        the manifest is the record) only the first ``FAILURES_KEPT`` are, so memory stays
+        flat even when every item of a million fails. ``counts`` is always complete.
+        """
         self.counts[result.status] += 1
         self.bytes += result.bytes if result.status == "ok" else 0
         if keep:
             self.results.append(result)
-        if result.status == "failed":
+        if result.status == "failed" and (keep or len(self.failures) < FAILURES_KEPT):
             self.failures.append(result)
 
     @property
@@ -130,9 +139,10 @@ class Report:
     def raise_for_failures(self) -> None:
         """Raise BatchFailedError naming the failed URLs, if any item failed."""
         if self.failures:
+            failed = self.counts["failed"]
             head = "; ".join(f"{r.url}: {r.error}" for r in self.failures[:5])
-            more = f" (and {len(self.failures) - 5} more)" if len(self.failures) > 5 else ""
+            more = f" (and {failed - 5} more)" if failed > 5 else ""
             raise BatchFailedError(
-                f"{len(self.failures)} of {self.total} items failed: {head}{more}",
+                f"{failed} of {self.total} items failed: {head}{more}",
                 failures=list(self.failures),
             )

@@ -98,3 +98,16 @@ def test_manifest_round_trip_and_torn_line(tmp_path) -> None:  # type: ignore[no
     index = CompletedIndex().load(path)
     assert index.size("u1", "p1") == 3
     assert index.size("u2", "p2") is None and len(index) == 1
+
+
+def test_streaming_report_caps_failures_but_counts_all() -> None:
+    from fetcher.models import FAILURES_KEPT
+
+    report = Report()
+    for i in range(FAILURES_KEPT + 50):
+        report.add(Result(url=f"u{i}", path=None, status="failed").fail(OSError("x")),
+                   keep=False)
+    assert report.counts["failed"] == FAILURES_KEPT + 50
+    assert len(report.failures) == FAILURES_KEPT and report.results == []
+    with pytest.raises(errors.BatchFailedError, match=f"{FAILURES_KEPT + 50} of"):
+        report.raise_for_failures()
