@@ -553,11 +553,10 @@ def _run_item(run: _WorkerRun, ctx: _AttemptContext, shared: Path, journal: _Jou
             return Result(url=shown, path=rel, status="failed").fail(
                 CancelledError(f"cancelled before start: {shown}", url=shown))
         name = partial_name(url, rel)
-        part = ctx.attempt_dir / name
-        meta = part.with_suffix(".json")
+        meta_name = name[:-5] + ".json"
         if resume:  # claim an earlier run's partial; rename lets one attempt win it
-            _move(shared / part.name, part)
-            _move(shared / meta.name, meta)
+            _move(shared / name, ctx.attempt_dir / name)
+            _move(shared / meta_name, ctx.attempt_dir / meta_name)
             ctx.partials.add(name)
         try:
             result = download_one(ctx, run.client(), url, rel, sha)
@@ -566,8 +565,8 @@ def _run_item(run: _WorkerRun, ctx: _AttemptContext, shared: Path, journal: _Jou
         if result.status == "ok":
             journal.write(result.record())
         elif result.status == "failed":  # hand the partial back for a later run to resume
-            _move(part, shared / part.name)
-            _move(meta, shared / meta.name)
+            _move(ctx.attempt_dir / name, shared / name)
+            _move(ctx.attempt_dir / meta_name, shared / meta_name)
     if run.chain and result.status != "failed" and result.path:
         from .transforms import run_chain
 
@@ -578,9 +577,13 @@ def _run_item(run: _WorkerRun, ctx: _AttemptContext, shared: Path, journal: _Jou
     return result
 
 
-def _run_batch(spec: _Spec, number: int, items: list[_Item]
+def _run_batch(spec: _Spec, number: int, packed: bytes | list[_Item]
                ) -> tuple[list[Result | None], str | None]:
-    """Worker side of one batch: (one Result per item, None if not started; stop reason)."""
+    """Worker side of one batch: (one Result per item, None if not started; stop reason).
+
+    ``packed`` is the pickled list of items (Dask would otherwise walk every tuple
+    looking for nested futures)."""
+    items: list[_Item] = pickle.loads(packed) if isinstance(packed, bytes) else packed
     run = _enter_run(spec)
     try:
         if run.cancel.is_set():
@@ -630,6 +633,22 @@ def run_cluster(fetcher: Fetcher, jobs: Iterable[Job], total: int | None, dest: 
                        batch_size=fetcher.cluster_batch).execute(jobs, total)
 
 
+def _dir_is_new(dest: Path, parent: str) -> bool:
+    """Whether ``DEST/parent`` is absent, or empty but for fetcher's own ``.fetcher``.
+
+    Checked when the first item is planned into it, before any of this run's files can
+    land there: every later entry is then this run's own (the names were all claimed
+    here), so no file in it can be foreign to --on-exists and no lstat is needed.
+    """
+    try:
+        with os.scandir(dest / parent if parent else dest) as entries:
+            return all(not parent and e.name == ".fetcher" for e in entries)
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+
+
 class _Batch:
     __slots__ = ("extras", "items", "number")
 
@@ -652,6 +671,7 @@ class _ClusterRun(_Run):
         self.spec = _Spec(self.token, self.cfg, str(dest), self.post)
         self._ready: deque[tuple[_Item, Any]] = deque()  # finished, waiting for --post
         self._journals: list[Path] = []
+        self._fresh: dict[str, bool] = {}  # directory -> held nothing when first planned
 
     # -- planning (client) ----------------------------------------------------------
     def _open(self, stack: contextlib.ExitStack) -> Any:
@@ -673,6 +693,12 @@ class _ClusterRun(_Run):
     def _item(self, job: Job, rel: str) -> tuple[_Item, Any] | None:
         """Apply --on-exists here, so every attempt of a batch writes the same name."""
         shown = redact(job.url)
+        parent = rel.rpartition("/")[0]
+        fresh = self._fresh.get(parent)
+        if fresh is None:
+            fresh = self._fresh[parent] = _dir_is_new(self.dest, parent)
+        elif fresh:  # nothing foreign can be there: no lstat (the first item checked it)
+            return (job.url, rel, job.sha256, False, None), job.extra
         owned = self.index.size(shown, rel) is not None
         try:
             rel = self._resolve_existing(rel, owned=owned)
@@ -736,10 +762,15 @@ class _ClusterRun(_Run):
         size = self.batch_size or (
             _BATCH_UNSIZED if total is None else
             max(_BATCH_MIN, min(_BATCH_MAX, math.ceil(total / (4 * threads)))))
-        done: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        pending: dict[str, tuple[_Batch, Any]] = {}
+        # A sliding window over as_completed: results are gathered on Dask's event loop
+        # as batches finish, so collecting one never waits on another's transfer.
+        done = _distributed().as_completed(loop=self.client.loop, with_results=True,
+                                           raise_errors=False)
+        pending: dict[str, _Batch] = {}
         numbers = itertools.count()
-        exhausted = cancelled = interrupted = False
+        exhausted = interrupted = False
+        threading.Thread(target=self._watch_cancel, daemon=True,
+                         name="fetcher-cluster-cancel").start()
         while True:
             while (not exhausted or self._ready) and len(pending) < window \
                     and not self.ctx.cancel.is_set():
@@ -748,27 +779,29 @@ class _ClusterRun(_Run):
                     exhausted = True
                     break
                 fut = self.client.submit(
-                    _run_batch, self.spec, batch.number, batch.items, pure=False,
+                    _run_batch, self.spec, batch.number, pickle.dumps(batch.items, _PICKLE),
+                    pure=False,
                     key=f"fetcher-get-{self.token}-{batch.number}", retries=1)
-                pending[fut.key] = (batch, fut)
-                fut.add_done_callback(done.put)
-            if self.ctx.cancel.is_set() and not cancelled:
-                cancelled = True
-                self._broadcast(_cancel_run)
+                pending[fut.key] = batch
+                done.add(fut)
             if not pending:
                 break
             try:
-                fut = done.get(timeout=0.2)
-            except queue.Empty:
-                continue
+                fut, outcome = next(done)
             except KeyboardInterrupt:  # workers stop their transfers; keep collecting
                 self._interrupt()
                 interrupted = True
                 continue
-            batch, _ = pending.pop(fut.key)
-            self._collect(batch, fut)
+            self._collect(pending.pop(fut.key), fut.status, outcome)
         if interrupted:
             raise KeyboardInterrupt
+
+    def _watch_cancel(self) -> None:
+        """Tell the workers as soon as someone sets ``cancel`` (the CLI's Ctrl-C)."""
+        while not self._ended.is_set():
+            if self.ctx.cancel.wait(0.2):
+                self._broadcast(_cancel_run)
+                return
 
     def _interrupt(self) -> None:
         super()._interrupt()
@@ -778,20 +811,20 @@ class _ClusterRun(_Run):
         with contextlib.suppress(Exception):
             self.client.run(fn, self.token, on_error="ignore", wait=True)
 
-    def _collect(self, batch: _Batch, fut: Any) -> None:
+    def _collect(self, batch: _Batch, status: str, outcome: Any) -> None:
         stop: str | None = None
-        try:
-            results, stop = fut.result()
-        except Exception as exc:
+        if status == "finished":
+            results, stop = outcome
+        else:
+            exc = outcome[1] if isinstance(outcome, tuple) else outcome
             if type(exc).__name__ == "KilledWorker":
                 err: BaseException = WorkerLostError(
                     f"Dask workers kept dying on batch {batch.number}: {exc}")
             else:
-                err = exc
-                stop = f"batch {batch.number} failed on a worker: " \
-                       f"{type(exc).__name__}: {exc}"
-            results = [Result(url=redact(item[0]), path=item[1], status="failed")
-                       .fail(err) for item in batch.items]
+                err = exc if isinstance(exc, BaseException) else RuntimeError(str(exc))
+                stop = f"batch {batch.number} failed on a worker: {type(err).__name__}: {err}"
+            results = [Result(url=redact(item[0]), path=item[1], status="failed").fail(err)
+                       for item in batch.items]
         for result, extra in zip(results, batch.extras, strict=True):
             if result is not None:
                 result.extra = extra

@@ -287,6 +287,25 @@ def test_two_attempts_of_one_batch_never_share_a_partial(server: TestServer,
     assert len(list((dest / ".fetcher" / "cluster").glob("*.jsonl"))) == 2
 
 
+def test_a_cut_transfer_resumes_on_the_next_cluster_run(server: TestServer, dest: Path,
+                                                         client: Any) -> None:
+    body = os.urandom(400_000)
+    url = server.add("/big.bin", body)
+    server.script("/big.bin", "cut:150000")
+    first = fetch([url], dest, cluster=client, retries=0)
+    assert first.counts["failed"] == 1 and not (dest / "big.bin").exists()
+    # The worker handed its partial back to the shared directory, sidecar and all ...
+    assert len(os.listdir(dest / ".fetcher" / "partial")) == 2
+    server.clear_log()
+    second = fetch([url], dest, cluster=client)
+    assert second.counts["ok"] == 1
+    assert (dest / "big.bin").read_bytes() == body
+    # ... and the next run's worker claimed it and asked only for the rest.
+    (_, headers), = server.requests("/big.bin")
+    assert headers.get("Range") == "bytes=150000-"
+    assert os.listdir(dest / ".fetcher" / "partial") == []
+
+
 def test_a_client_killed_mid_run_is_resumed_without_renames(
         server: TestServer, dest: Path, tmp_path: Path, client: Any) -> None:
     from fetcher.cluster import _end_run, _run_batch, _Spec
