@@ -14,18 +14,13 @@ the host changes. Transport exceptions become ``TransportError`` at this boundar
 
 from __future__ import annotations
 
+import base64
 import contextlib
-import email.utils
 import socket
 import time
 from collections.abc import Iterator, Mapping
 from typing import Any
 from urllib.parse import unquote, urljoin, urlsplit, urlunsplit
-
-import urllib3
-from urllib3.exceptions import HTTPError as Urllib3HTTPError
-from urllib3.exceptions import ProtocolError, ReadTimeoutError
-from urllib3.util import make_headers
 
 from .config import FetchConfig
 from .errors import HTTPStatusError, RedirectError, TransportError, TruncatedError
@@ -63,6 +58,8 @@ def parse_retry_after(value: str | None, *, now: float | None = None) -> float |
     value = value.strip()
     if value.isdigit():
         return float(value)
+    import email.utils  # rare: only servers that send an HTTP-date
+
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError, IndexError):
@@ -153,65 +150,6 @@ class _WireResponse(Response):
             self._body.conn.sock.shutdown(socket.SHUT_RDWR)
 
 
-class _PooledResponse(Response):
-    """A urllib3 response (used for proxied requests)."""
-
-    __slots__ = ("_raw", "headers", "status", "url")
-
-    def __init__(self, raw: urllib3.BaseHTTPResponse, url: str) -> None:
-        self._raw = raw
-        self.status = raw.status
-        self.headers = raw.headers
-        self.url = url
-
-    def chunks(self, size: int) -> Iterator[bytes]:
-        raw = self._raw
-        # read1 returns what has arrived (up to size) instead of blocking until size
-        # bytes: a slow body still reaches disk steadily, so an interrupt keeps it.
-        read = raw.read1
-        try:
-            while True:
-                data = read(size)
-                if not data:
-                    return
-                yield data
-        except ReadTimeoutError as exc:
-            raise TransportError(f"read timed out for {redact(self.url)}", url=self.url) from exc
-        except ProtocolError as exc:
-            raise TruncatedError(
-                f"connection broken for {redact(self.url)}: {_reason(exc)}", url=self.url
-            ) from exc
-        except (Urllib3HTTPError, OSError) as exc:
-            raise TransportError(
-                f"transfer failed for {redact(self.url)}: {_reason(exc)}", url=self.url
-            ) from exc
-
-    def discard(self) -> None:
-        raw = self._raw
-        try:
-            remaining = raw.length_remaining
-            if remaining is not None and remaining <= _DRAIN_LIMIT:
-                raw.drain_conn()
-            else:
-                raw.close()
-            raw.release_conn()
-        except Exception:
-            raw.close()
-
-    def release(self) -> None:
-        raw = self._raw
-        try:
-            if raw.length_remaining:  # unread body: not worth draining
-                raw.close()
-            raw.release_conn()
-        except Exception:
-            pass
-
-    def abort(self) -> None:
-        with contextlib.suppress(Exception):
-            self._raw.shutdown()
-
-
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
@@ -228,21 +166,11 @@ class HttpClient:
         base_headers.update(config.headers)
         self._base_headers = base_headers
         self._idle: dict[tuple[str, str, int], Connection] = {}
-        self._proxied: dict[str, urllib3.ProxyManager] = {}
+        self._proxied: dict[str, Any] = {}
         if config.proxies:
-            tls: dict[str, Any] = {}
-            if config.verify is False:
-                tls["cert_reqs"] = "CERT_NONE"
-            elif isinstance(config.verify, str):
-                tls["ca_certs"] = config.verify
-            if isinstance(config.cert, str):
-                tls["cert_file"] = config.cert
-            elif config.cert is not None:
-                tls["cert_file"], tls["key_file"] = config.cert
-            for scheme, proxy_url in config.proxies.items():
-                self._proxied[scheme.lower()] = urllib3.ProxyManager(
-                    proxy_url, num_pools=64, maxsize=1, block=False, **tls)
-        self._timeout = urllib3.Timeout(connect=config.timeout, read=config.timeout)
+            from .proxied import proxy_managers  # urllib3, imported only when needed
+
+            self._proxied = proxy_managers(config)
 
     def get(self, url: str, headers: Mapping[str, str] | None = None) -> Response:
         """GET ``url`` following redirects; returns the final response, status unchecked.
@@ -287,18 +215,19 @@ class HttpClient:
     def _auth_header(self, url: str) -> str | None:
         parts = urlsplit(url)
         if parts.username is not None:
-            cred = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
-            return make_headers(basic_auth=cred)["authorization"]
+            return _basic(f"{unquote(parts.username)}:{unquote(parts.password or '')}")
         if self.config.auth is not None:
             user, password = self.config.auth
-            return make_headers(basic_auth=f"{user}:{password}")["authorization"]
+            return _basic(f"{user}:{password}")
         return None
 
     def _request(self, url: str, headers: dict[str, str]) -> Response:
         scheme = url.partition(":")[0].lower()
         proxy = self._proxied.get(scheme)
         if proxy is not None:
-            return self._request_proxied(proxy, url, headers)
+            from .proxied import request_proxied
+
+            return request_proxied(proxy, url, headers, timeout=self.config.timeout)
         parts = urlsplit(url)
         host = parts.hostname or ""
         try:
@@ -334,18 +263,6 @@ class HttpClient:
             return _WireResponse(self, key, status, resp_headers, body, url)
         raise TransportError(f"request failed for {redact(url)}: connection closed", url=url)
 
-    def _request_proxied(self, proxy: urllib3.ProxyManager, url: str,
-                         headers: dict[str, str]) -> Response:
-        try:
-            raw = proxy.urlopen(
-                "GET", url, headers=headers, redirect=False, retries=False,
-                preload_content=False, timeout=self._timeout, decode_content=False,
-            )
-        except (Urllib3HTTPError, OSError) as exc:
-            raise TransportError(f"request failed for {redact(url)}: {_reason(exc)}",
-                                 url=url) from exc
-        return _PooledResponse(raw, url)
-
     def close(self) -> None:
         """Close every pooled connection."""
         for conn in self._idle.values():
@@ -364,6 +281,10 @@ def raise_for_status(resp: Response, *, url: str) -> None:
     raise HTTPStatusError(resp.status, url=url, retry_after=retry_after)
 
 
+def _basic(credentials: str) -> str:
+    return "Basic " + base64.b64encode(credentials.encode("latin-1")).decode("ascii")
+
+
 def _strip_userinfo(url: str) -> str:
     if "@" not in url:
         return url
@@ -372,18 +293,6 @@ def _strip_userinfo(url: str) -> str:
         return url
     host = parts.netloc.rpartition("@")[2]
     return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
-
-
-def _reason(exc: BaseException) -> str:
-    """A short, readable cause from urllib3's nested exceptions."""
-    inner: BaseException = exc
-    for _ in range(4):
-        nxt = getattr(inner, "reason", None) or inner.__context__
-        if not isinstance(nxt, BaseException):
-            break
-        inner = nxt
-    text = str(inner) or type(inner).__name__
-    return text if inner is exc else f"{type(inner).__name__}: {text}"
 
 
 def config_from_session(session: Any, base: FetchConfig | None = None) -> FetchConfig:

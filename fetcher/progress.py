@@ -63,10 +63,12 @@ class TqdmProgress:
         self._lock = threading.Lock()
 
     def start(self, total: int | None, *, unit: str = "file", desc: str = "") -> None:
+        if self._disable:
+            return  # no bar: skip importing tqdm (it costs ~10 ms of start-up)
         from tqdm import tqdm
 
         self._bar = tqdm(total=total, unit=unit, desc=desc or None, file=self._file,
-                         disable=self._disable, mininterval=self._mininterval,
+                         mininterval=self._mininterval,
                          dynamic_ncols=True, leave=True)
 
     def set_total(self, total: int) -> None:
