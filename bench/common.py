@@ -16,6 +16,7 @@ Nothing here talks to anything but 127.0.0.1.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import grp
 import importlib.util
@@ -35,7 +36,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +93,28 @@ def median(values: Sequence[float]) -> float | None:
 
 
 # --------------------------------------------------------------------------- nginx
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` so nginx gets SIGTERM if the harness dies (even by SIGKILL).
+
+    Linux only (``prctl(PR_SET_PDEATHSIG)``); elsewhere, ``None``. The signal goes
+    when the *thread* that started nginx exits, so start it from a thread that
+    outlives it (the main thread, in every script here).
+    """
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        prctl = libc.prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def child() -> None:
+        prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the harness died before prctl took effect
+            os._exit(1)
+
+    return child
 
 
 @dataclasses.dataclass
@@ -191,6 +214,7 @@ http {{
                     stdout=subprocess.DEVNULL,
                     stderr=stderr,
                     start_new_session=True,
+                    preexec_fn=_die_with_parent(),
                 )
             deadline = time.monotonic() + 10
             while time.monotonic() < deadline:
