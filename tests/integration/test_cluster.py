@@ -219,8 +219,10 @@ def test_cluster_run_gives_the_same_files_and_manifest_as_a_local_run(
         (d / "d" / "3" / "f3.bin").write_bytes(b"not ours")
     cfg = FetchConfig(threads=4, retries=1, backoff_base=0.01)
     a = Fetcher(cfg, post=["sha256"], processes=1).run(lst, local)
-    b = Fetcher(cfg, post=["sha256"], cluster=client).run(lst, remote)
+    prog = Recorder()
+    b = Fetcher(cfg, post=["sha256"], cluster=client, progress=prog).run(lst, remote)
     assert a.counts == b.counts == {"ok": 93, "skipped": 0, "failed": 1}
+    assert (prog.total, prog.done, prog.closed) == (95, 94, True)  # 95 rows, one a duplicate
     assert comparable(local) == comparable(remote)
     assert tree(local) == tree(remote)
     rec = {r["path"]: r for r in manifest(remote)}
@@ -370,10 +372,17 @@ def test_cli_get_process_write_on_the_cluster(server: TestServer, tmp_path: Path
     lst = tmp_path / "urls.txt"
     lst.write_text("\n".join(urls) + "\n")
     out = tmp_path / "out"
+    db = tmp_path / "rows.db"
     res = CliRunner().invoke(app, ["get", str(lst), "-o", str(out), "--cluster", addr,
-                                   "--quiet", "--json"])
+                                   "--sink", f"sqlite:///{db}", "--quiet", "--json"])
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout)["ok"] == 12
+    conn = sqlite3.connect(db)
+    try:  # the client fed the sink every record
+        assert conn.execute("select count(*) from downloads where status = 'ok'"
+                            ).fetchone() == (12,)
+    finally:
+        conn.close()
 
     files = sorted((out / "c").iterdir())
     res = CliRunner().invoke(app, ["process", *map(str, files), "--post", "md5", "-o",
@@ -389,7 +398,6 @@ def test_cli_get_process_write_on_the_cluster(server: TestServer, tmp_path: Path
         (shards / f"part-{k}.jsonl").write_text("".join(
             json.dumps({"id": k * 100 + i, "v": f"x{i}"}) + "\n" for i in range(50)))
     (shards / "_SUCCESS").write_text("")  # bookkeeping names are ignored
-    db = tmp_path / "rows.db"
     args = ["write", str(shards), f"sqlite:///{db}", "--table", "rows", "--cluster", addr,
             "--quiet", "--json"]
     res = CliRunner().invoke(app, args)
