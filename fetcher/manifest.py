@@ -16,15 +16,17 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from .naming import DigestTable
+
 MANIFEST_NAME = "manifest.jsonl"
 PUBLISHED_NAME = "published.jsonl"
 
 
 def item_key(url: str, path: str) -> int:
-    """64-bit digest identifying one (url, path) pair."""
-    return int.from_bytes(
-        hashlib.blake2b(f"{url}\0{path}".encode(), digest_size=8).digest(), "big"
-    )
+    """Nonzero 64-bit digest identifying one (url, path) pair."""
+    key = int.from_bytes(
+        hashlib.blake2b(f"{url}\0{path}".encode(), digest_size=8).digest(), "big")
+    return key or 1
 
 
 class ManifestWriter:
@@ -83,7 +85,7 @@ class CompletedIndex:
     """Which (url, path) pairs earlier runs completed, and their sizes."""
 
     def __init__(self, *, by_url: bool = False) -> None:
-        self._sizes: dict[int, int] = {}
+        self._sizes = DigestTable()  # two flat arrays: ~16 bytes a slot, not ~150
         # Server-chosen names (Content-Disposition) are unknown before the request, so
         # that mode also finds completed items by URL alone, at the cost of their paths.
         self._by_url: dict[str, tuple[str, int]] | None = {} if by_url else None
@@ -100,8 +102,9 @@ class CompletedIndex:
             key = item_key(url, rel)
             # A failed line does not erase an earlier success: a failed --force re-run
             # never touched the complete file, which is still there and still ours.
-            if rec.get("status") in ("ok", "skipped") and isinstance(rec.get("bytes"), int):
-                self._sizes[key] = rec["bytes"]
+            if rec.get("status") in ("ok", "skipped") and isinstance(rec.get("bytes"), int) \
+                    and rec["bytes"] >= 0:
+                self._sizes.put(key, rec["bytes"])
                 if self._by_url is not None:
                     self._by_url[url] = (rel, rec["bytes"])
         return self

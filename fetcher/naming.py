@@ -252,7 +252,7 @@ def variant(path: str, n: int) -> str:
     return f"{head}{sep}{_fit_component(f'{stem}.{n}{ext}')}"
 
 
-class _DigestTable:
+class DigestTable:
     """An open-addressing map from nonzero 64-bit ints to 64-bit ints in two arrays.
 
     About 16 bytes per slot at a load of 3/8 to 3/4, against ~150 bytes per entry for a
@@ -337,7 +337,7 @@ class NameAllocator:
         #   "P" + path        -> digest of the url that owns the path
         #   "D" + url + path  -> 1 when url got a variant of path (duplicate detection)
         #   "N"/"R" + path    -> next variant number to try in claim / reserve_free
-        self._table = _DigestTable()
+        self._table = DigestTable()
 
     def __len__(self) -> int:
         """Entries stored (claimed paths plus collision bookkeeping)."""
