@@ -21,6 +21,9 @@ from typing import Any
 
 MAX_HEAD = 64 * 1024
 _RECV = 256 * 1024
+# Below glibc's mmap threshold: a 256 KiB recv buffer for every response head costs an
+# mmap, page faults and a munmap per request. Small bodies arrive within this read.
+_HEAD_RECV = 64 * 1024
 
 
 class WireError(Exception):
@@ -125,7 +128,7 @@ class Connection:
             if len(buf) > MAX_HEAD:
                 raise WireError("protocol", "response head larger than 64 KiB")
             start = max(0, len(buf) - 3)
-            data = self.sock.recv(_RECV)
+            data = self.sock.recv(_HEAD_RECV)
             if not data:
                 if reused and not buf:
                     raise StaleConnection("closed", "keep-alive connection closed")
