@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     data = work / "data" / "cluster"
     names = common.make_file_set(data, files, args.size)
     cluster = LocalCluster(n_workers=2, threads_per_worker=2, processes=True,
-                           host="127.0.0.1", dashboard_address=None)
+                           host="127.0.0.1", dashboard_address=":0")
     client = Client(cluster, set_as_default=False)
     try:
         with common.Nginx(root=data, work=work) as ng:

@@ -138,7 +138,7 @@ def get_client(address: ClusterAddress = None, *, workers: int | None = None,
             if address is None:
                 cluster = distributed.LocalCluster(
                     n_workers=workers or usable_cpu_count(), threads_per_worker=1,
-                    processes=True, host="127.0.0.1", dashboard_address=None)
+                    processes=True, host="127.0.0.1", dashboard_address=":0")
                 client = distributed.Client(cluster, set_as_default=False)
             else:
                 client = distributed.Client(address, timeout=f"{timeout}s",
@@ -223,6 +223,8 @@ class _DaskBackend:
         self._done: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._inflight: dict[str, tuple[_Task, Any]] = {}
         self._events: list[_Event] = []
+        self._suspects: deque[_Task] = deque()  # items of a chunk Dask gave up on
+        self._suspect: str | None = None  # the one running alone now
 
     def register(self, fn: Callable[[Any], Any], payload: bytes | None) -> int:
         import cloudpickle  # type: ignore[import-untyped, unused-ignore]
@@ -243,18 +245,22 @@ class _DaskBackend:
         return max(0, 2 * self.workers - len(self._inflight))
 
     def send(self, task: _Task) -> None:
+        self._submit(task)
+
+    def _submit(self, task: _Task) -> str | None:
         try:
             items = pickle.dumps(task.items, _PICKLE)
         except Exception:
             task = self._split_unpicklable(task)
             if not task.items:
-                return
+                return None
             items = pickle.dumps(task.items, _PICKLE)
         fid, payload = self._payloads[task.fid]
         fut = self.client.submit(_dask_run, fid, payload, items, task.stop,
                                  key=f"fetcher-map-{uuid.uuid4().hex}", pure=False)
         self._inflight[fut.key] = (task, fut)
         fut.add_done_callback(self._done.put)
+        return str(fut.key)
 
     def _split_unpicklable(self, task: _Task) -> _Task:
         good: list[int] = []
@@ -275,25 +281,30 @@ class _DaskBackend:
     def wait(self, timeout: float | None) -> list[_Event]:
         if not self._events:
             try:
-                first = self._done.get(timeout=timeout)
+                ready = [self._done.get(timeout=timeout)]
             except queue.Empty:
                 return []
-            self._take(first)
-        with contextlib.suppress(queue.Empty):
-            while True:
-                self._take(self._done.get_nowait())
+            with contextlib.suppress(queue.Empty):
+                while True:
+                    ready.append(self._done.get_nowait())
+            futs = [f for f in ready if f is not None and f.key in self._inflight]
+            finished = [f for f in futs if f.status == "finished"]
+            # One gather for every chunk that finished meanwhile: one round trip.
+            results = dict(zip([f.key for f in finished], self.client.gather(finished),
+                               strict=True)) if finished else {}
+            for fut in futs:
+                self._take(fut, results.get(fut.key))
+            if self._suspect is None and self._suspects:
+                self._suspect = self._submit(self._suspects.popleft())
         events, self._events = self._events, []
         return events
 
-    def _take(self, fut: Any) -> None:
-        if fut is None:
-            return  # wake()
-        entry = self._inflight.pop(fut.key, None)
-        if entry is None:
-            return  # abandoned
-        task = entry[0]
-        if fut.status == "finished":
-            data, pid = fut.result()
+    def _take(self, fut: Any, outcome: tuple[bytes, int] | None) -> None:
+        task = self._inflight.pop(fut.key)[0]
+        if fut.key == self._suspect:
+            self._suspect = None
+        if outcome is not None:
+            data, pid = outcome
             msg = pickle.loads(data)
             if msg[0] == "done":
                 self._events.append(_Event("done", task, values=msg[1], errors=msg[2],
@@ -304,11 +315,10 @@ class _DaskBackend:
         exc = fut.exception() if fut.status == "error" else None
         if exc is not None and type(exc).__name__ == "KilledWorker":
             if len(task.items) == 1:
-                self._events.append(_Event("lost", task, pos=0, detail=f"Dask workers died "
-                                           f"running it ({exc})"))
-            else:  # find the item that kills workers: one task per item
-                for p in range(len(task.items)):
-                    self.send(task.sub([p]))
+                self._events.append(_Event("lost", task, pos=0, detail="Dask gave up after "
+                                           "its workers kept dying (KilledWorker)"))
+            else:  # Dask also fails tasks queued on a dying worker: retry one at a time
+                self._suspects.extend(task.sub([p]) for p in range(len(task.items)))
             return
         detail = "".join(traceback.format_exception(exc)) if exc is not None else \
             f"the Dask task ended as {fut.status!r}"
@@ -320,6 +330,8 @@ class _DaskBackend:
     def abandon(self) -> None:
         futs = [f for _, f in self._inflight.values()]
         self._inflight.clear()
+        self._suspects.clear()
+        self._suspect = None
         self._events = []
         if futs:
             with contextlib.suppress(Exception):
@@ -461,7 +473,7 @@ class _WorkerRun:
 
     def close(self) -> None:
         self.cancel.set()
-        self.pool.shutdown(wait=True)
+        self.pool.shutdown(wait=False, cancel_futures=True)  # never block the event loop
         for client in self._clients:
             with contextlib.suppress(Exception):
                 client.close()

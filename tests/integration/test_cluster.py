@@ -33,7 +33,7 @@ distributed = pytest.importorskip("distributed")
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Any]:
     lc = distributed.LocalCluster(n_workers=2, threads_per_worker=2, processes=True,
-                                  host="127.0.0.1", dashboard_address=None)
+                                  host="127.0.0.1", dashboard_address=":0")
     try:
         yield lc
     finally:
@@ -62,6 +62,12 @@ def square(x: int) -> int:
 def slow_pid(x: int) -> tuple[int, int]:
     time.sleep(0.15)
     return x, os.getpid()
+
+
+def die_on_five(x: int) -> int:
+    if x == 5:
+        os._exit(1)  # a poison item: kills whichever worker runs it
+    return x
 
 
 class Recorder:
@@ -178,6 +184,23 @@ def test_parallel_map_dask_survives_a_killed_worker(client: Any) -> None:
     assert [r[0] for r in results] == list(range(40))  # every item once, in order
     assert not any(isinstance(r, TaskError) for r in results)
     wait_for_two_workers(client)
+
+
+def test_parallel_map_dask_isolates_an_item_that_kills_workers() -> None:
+    import dask
+
+    from fetcher.errors import WorkerLostError
+
+    with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
+        lc = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                      host="127.0.0.1", dashboard_address=":0")
+    try:
+        got = parallel_map(die_on_five, range(8), mode="dask", address=lc.scheduler_address,
+                           chunksize=4)
+    finally:
+        lc.close()
+    assert [g for i, g in enumerate(got) if i != 5] == [0, 1, 2, 3, 4, 6, 7]
+    assert isinstance(got[5], WorkerLostError) and got[5].index == 5
 
 
 # --------------------------------------------------------------------------- downloads
