@@ -10,7 +10,8 @@ imported only here and only when asked for (``pip install 'fetcher[dask]'``).
     thread are submitted at a time. A worker that dies mid-chunk: Dask runs the chunk
     again on another worker (items of that chunk that had finished run twice, their
     results are taken once). When Dask gives up on a chunk (``KilledWorker``), its
-    items are retried one task each, and an item that kills workers on its own gets a
+    items are retried one at a time, alone (Dask also fails tasks merely queued on a
+    dying worker), and only an item that kills workers on its own gets a
     ``WorkerLostError``.
 
 ``fetch(urls, dest, cluster=ADDRESS)`` / ``fetcher get --cluster ADDRESS``
