@@ -57,7 +57,9 @@ class FetchConfig:
     backoff_base: float = 0.5
     """First retry delay, seconds; doubles each attempt, with full jitter."""
     backoff_max: float = 30.0
-    """Cap for one backoff delay and for an honoured Retry-After."""
+    """Cap for one backoff delay."""
+    retry_after_max: float = 300.0
+    """Longest Retry-After honoured; a server asking for more fails the item instead."""
     window: int | None = None
     """Jobs in flight at most (submitted, not finished); None means ``4 * threads``."""
     manifest: Path | None = None
@@ -91,6 +93,18 @@ class FetchConfig:
             raise bad("chunk_size", "must be at least 1024 bytes")
         if self.window is not None and self.window < 1:
             raise bad("window", "must be at least 1")
+        if self.auth is not None and not (
+                isinstance(self.auth, tuple) and len(self.auth) == 2
+                and all(isinstance(x, str) for x in self.auth)):
+            raise bad("auth", "must be a (user, password) tuple of strings")
+        for name, value in self.headers.items():
+            try:
+                f"{name}{value}".encode("latin-1")
+            except UnicodeEncodeError:
+                raise ConfigError(f"header {name!r}: HTTP header names and values must be "
+                                  "Latin-1 text") from None
+            if any(c in f"{name}{value}" for c in "\r\n\0") or not name.strip():
+                raise ConfigError(f"header {name!r}: empty name or a line break")
 
     @property
     def host_limit(self) -> int:

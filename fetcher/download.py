@@ -110,6 +110,8 @@ class RunContext:
     stop_reason: str | None = None
     partials: set[str] = field(default_factory=set)
     """Partial file names present when the run started (resume candidates)."""
+    clients: list[HttpClient] = field(default_factory=list)
+    """Every thread's client, so an interrupt can break requests not yet answered."""
     _active: set[Response] = field(default_factory=set)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _dirs: set[str] = field(default_factory=set)
@@ -178,8 +180,11 @@ class RunContext:
         """Break every in-flight transfer so threads notice cancellation at once."""
         with self._lock:
             active = list(self._active)
+            clients = list(self.clients)
         for resp in active:
             resp.abort()
+        for client in clients:  # requests still connecting or waiting for a response
+            client.abort()
 
 
 def partial_name(url: str, rel: str) -> str:
@@ -248,7 +253,9 @@ def download_one(ctx: RunContext, client: HttpClient, url: str, rel: str,
             if isinstance(exc, HTTPStatusError):
                 result.http_status = exc.status
                 if exc.retry_after is not None and exc.status in (429, 503):
-                    ctx.gate.pause(host, min(exc.retry_after, cfg.backoff_max))
+                    if exc.retry_after > cfg.retry_after_max:
+                        break  # asked to come back later than we are willing to wait
+                    ctx.gate.pause(host, exc.retry_after)
             if isinstance(exc, StorageError) and exc.disk_full:
                 ctx.stop(str(exc))  # keep what is complete, start nothing new
             retry = exc.retryable and not (isinstance(exc, ChecksumError) and mismatches >= 2)
@@ -256,7 +263,7 @@ def download_one(ctx: RunContext, client: HttpClient, url: str, rel: str,
                 break
             wait = backoff_delay(cfg, result.attempts)
             if isinstance(exc, HTTPStatusError) and exc.retry_after is not None:
-                wait = min(max(wait, exc.retry_after), cfg.backoff_max)
+                wait = max(wait, min(exc.retry_after, cfg.retry_after_max))
             if ctx.cancel.wait(wait):
                 last = CancelledError(f"cancelled: {shown}", url=shown)
                 break
@@ -376,9 +383,9 @@ def _stream(ctx: RunContext, resp: Response, part: str, offset: int,
             with open(part, "rb") as fh:  # hash what we already have
                 while buf := fh.read(_READ_BUF):
                     hasher.update(buf)
-            fd = os.open(part, flags | os.O_APPEND)
+            fd = os.open(part, flags | os.O_APPEND, 0o666)
         else:
-            fd = os.open(part, flags | os.O_TRUNC)
+            fd = os.open(part, flags | os.O_TRUNC, 0o666)
     except OSError as exc:
         raise _storage_error(exc, shown) from exc
     if total is None or total - offset >= BACKGROUND_HASH_BYTES:
@@ -395,7 +402,7 @@ def _stream(ctx: RunContext, resp: Response, part: str, offset: int,
                 try:
                     n = os.write(fd, view)
                 except OSError as exc:
-                    raise _storage_error(exc, shown) from exc
+                    raise _storage_error(exc, shown, part) from exc
                 view = view[n:]
             size += len(chunk)
     except TransportError:
@@ -448,7 +455,9 @@ def _write_meta(meta: str, url: str, resp: Response, total: int | None) -> None:
         with open(meta, "w", encoding="utf-8") as fh:
             fh.write(data)
     except OSError as exc:
-        raise _storage_error(exc, redact(url)) from exc
+        with contextlib.suppress(OSError):
+            os.unlink(meta)  # no empty sidecar left behind
+        raise _storage_error(exc, redact(url), meta) from exc
 
 
 def _content_range(resp: Response) -> tuple[int, int | None]:
@@ -472,9 +481,10 @@ def _check_type(resp: Response, pattern: str, shown: str) -> None:
         raise ContentTypeError(url=shown, got=got, expected=pattern)
 
 
-def _storage_error(exc: OSError, shown: str) -> StorageError:
+def _storage_error(exc: OSError, shown: str, path: str = "") -> StorageError:
     why = os.strerror(exc.errno) if exc.errno else str(exc)
-    return StorageError(f"{shown}: cannot write {exc.filename or 'file'}: {why}", url=shown,
+    where = exc.filename or path or "the file"
+    return StorageError(f"{shown}: cannot write {where}: {why}", url=shown,
                         disk_full=exc.errno in _DISK_ERRNOS)
 
 

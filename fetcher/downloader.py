@@ -38,6 +38,7 @@ from .naming import (
     filename_from_content_disposition,
     path_from_url,
     sanitize_relpath,
+    variant,
 )
 from .progress import NullProgress, Progress
 from .sources import iter_jobs
@@ -133,6 +134,8 @@ def _prepare(urls: UrlSource,
         total = sum(1 for _ in iter_jobs(_named(spool, "<stdin>")))
         spool.seek(0)
         return iter_jobs(_named(spool, "<stdin>")), total
+    if isinstance(urls, str) and "://" in urls and not os.path.exists(urls):
+        return iter_jobs([urls]), 1  # one URL given where a list was expected: fine
     if isinstance(urls, str | os.PathLike):
         path = Path(urls)
         if not path.is_file():
@@ -196,8 +199,8 @@ class _Run:
             raise ConfigError(f"cannot create output directory {self.dest}: {exc}") from exc
         manifest_path = self.cfg.manifest or self.dest / ".fetcher" / MANIFEST_NAME
         published_path = self.dest / ".fetcher" / PUBLISHED_NAME
-        if not self.cfg.force:
-            self.index.load(manifest_path).load(published_path)
+        # Loaded under --force too: it says which files are ours to replace, not rename.
+        self.index.load(manifest_path).load(published_path)
         manifest = ManifestWriter(manifest_path)
         stack.callback(manifest.close)
         self.report.manifest = str(manifest_path)
@@ -309,29 +312,48 @@ class _Run:
         claimed = self.names.claim(job.url, rel)
         if claimed is None:
             return None  # the same URL to the same target again: fetched once
-        if not self.cfg.force:
+        if not self.cfg.force and len(self.index):
             size = self.index.size(shown, claimed)
+            if size is None and self.cfg.on_exists == "rename":
+                claimed, size = self._renamed_earlier(job.url, shown, claimed)
             if size is not None and _file_size(self.dest / claimed) == size:
                 self._finish(Result(url=shown, path=claimed, status="skipped", bytes=size,
                                     extra=job.extra))
                 return None
         return claimed
 
+    def _renamed_earlier(self, url: str, shown: str, rel: str) -> tuple[str, int | None]:
+        """Where an earlier run put this URL when a foreign file held ``rel`` (name.N.ext).
+
+        Only looked for while the names on disk are taken, so new items cost one stat.
+        """
+        n, candidate = 0, rel
+        while os.path.lexists(self.dest / candidate) and n < 1000:
+            n += 1
+            candidate = variant(rel, n)
+            size = self.index.size(shown, candidate)
+            if size is not None:
+                got = self.names.claim(url, candidate)
+                return (got or candidate), size
+        return rel, None
+
     # -- worker side ---------------------------------------------------------------------
     def _client(self) -> HttpClient:
         client: HttpClient | None = getattr(self._local, "client", None)
         if client is None:
-            client = self._local.client = HttpClient(self.cfg)
+            client = self._local.client = HttpClient(self.cfg, cancel=self.ctx.cancel)
             with self._lock:
                 self._clients.append(client)
+                self.ctx.clients.append(client)
         return client
 
     def _work(self, job: Job, rel: str) -> None:
         shown = redact(job.url)
         try:
-            if self.ctx.cancel.is_set():
+            if self.ctx.cancel.is_set() or self.ctx.stop_new.is_set():
+                why = self.ctx.stop_reason or "interrupted"
                 result = Result(url=shown, path=rel, status="failed").fail(
-                    CancelledError(f"cancelled before start: {shown}", url=shown))
+                    CancelledError(f"not started ({why}): {shown}", url=shown))
             else:
                 result = self._download(job, rel)
             result.extra = job.extra
@@ -397,7 +419,10 @@ class _Run:
         """Post-process (if asked), then journal, count, sink and report the item."""
         if self.pipeline is not None and result.status != "failed" and result.path:
             if result.status == "ok" and self.published is not None:
-                self.published.write(result.record())
+                try:
+                    self.published.write(result.record())
+                except OSError as exc:
+                    self.ctx.stop(f"cannot write {self.published.path}: {exc}")
             try:
                 future: Future[list[str]] = self.pipeline.submit(result.path)
             except Exception as exc:
@@ -410,7 +435,10 @@ class _Run:
     def _record(self, result: Result) -> None:
         record = result.record()
         assert self.manifest is not None
-        self.manifest.write(record)
+        try:
+            self.manifest.write(record)
+        except OSError as exc:  # a full disk: keep counting, start nothing new
+            self.ctx.stop(f"cannot write the manifest {self.manifest.path}: {exc}")
         if self.writer is not None and not self._sink_failed:
             from .errors import SinkError
 

@@ -17,13 +17,20 @@ from __future__ import annotations
 import base64
 import contextlib
 import socket
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from typing import Any
-from urllib.parse import unquote, urljoin, urlsplit, urlunsplit
+from urllib.parse import quote, unquote, urljoin, urlsplit, urlunsplit
 
 from .config import FetchConfig
-from .errors import HTTPStatusError, RedirectError, TransportError, TruncatedError
+from .errors import (
+    CancelledError,
+    HTTPStatusError,
+    RedirectError,
+    TransportError,
+    TruncatedError,
+)
 from .wire import Body, Connection, Headers, StaleConnection, WireError, tls_context
 
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
@@ -151,6 +158,9 @@ class _WireResponse(Response):
 
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
+# RFC 3986 reserved and unreserved characters plus "%": kept as they are when a request
+# target is re-quoted, so existing escapes survive and only raw bytes get escaped.
+_URI_SAFE = "!#$%&'()*+,/:;=?@[]~"
 
 
 class HttpClient:
@@ -160,8 +170,10 @@ class HttpClient:
     proxied schemes go through urllib3's ProxyManager, which knows CONNECT tunnels.
     """
 
-    def __init__(self, config: FetchConfig) -> None:
+    def __init__(self, config: FetchConfig, *, cancel: threading.Event | None = None) -> None:
         self.config = config
+        self._cancel = cancel
+        self._inflight: socket.socket | None = None
         base_headers = {"User-Agent": config.user_agent, "Accept-Encoding": "identity"}
         base_headers.update(config.headers)
         self._base_headers = base_headers
@@ -181,16 +193,20 @@ class HttpClient:
         auth_header = self._auth_header(url)
         current = _strip_userinfo(url)
         seen = {current}
+        trusted = True  # once a redirect leaves the origin, credentials never return
         for _hop in range(self.config.max_redirects + 1):
             hdrs = dict(self._base_headers)
             if headers:
                 hdrs.update(headers)
-            same_host = current is url or host_of(current) == origin_host
-            if auth_header and same_host:
-                hdrs["Authorization"] = auth_header
-            elif not same_host:
+            if trusted and current is not url and current != url:
+                # Another host, or https downgraded to http: credentials would leak.
+                trusted = host_of(current) == origin_host and not (
+                    url[:6].lower() == "https:" and current[:5].lower() == "http:")
+            if not trusted:
                 hdrs.pop("Authorization", None)
                 hdrs.pop("Cookie", None)
+            elif auth_header:
+                hdrs["Authorization"] = auth_header
             resp = self._request(current, hdrs)
             location = resp.headers.get("Location")
             if resp.status not in REDIRECT_STATUSES or not location:
@@ -237,7 +253,16 @@ class HttpClient:
         target = parts.path or "/"
         if parts.query:
             target += "?" + parts.query
+        if not target.isascii() or " " in target:
+            target = quote(target, safe=_URI_SAFE)  # as requests does: UTF-8, %-escaped
         netloc = parts.netloc.rpartition("@")[2]
+        if not netloc.isascii():
+            try:
+                host = host.encode("idna").decode("ascii")
+                netloc = host if parts.port is None else f"{host}:{parts.port}"
+            except UnicodeError as exc:
+                raise TransportError(f"{redact(url)}: host is not a valid IDNA name",
+                                     url=url) from exc
         lines = [f"GET {target} HTTP/1.1", f"Host: {netloc}"]
         lines.extend(f"{k}: {v}" for k, v in headers.items())
         head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
@@ -248,8 +273,12 @@ class HttpClient:
                 if conn is None:
                     tls = tls_context(self.config.verify, self.config.cert) \
                         if scheme == "https" else None
-                    conn = Connection(host, port, timeout=self.config.timeout, tls=tls)
+                    conn = Connection(host, port, timeout=self.config.timeout, tls=tls,
+                                      cancel=self._cancel, on_socket=self._set_inflight)
+                else:
+                    self._set_inflight(conn.sock)
                 status, resp_headers, http11 = conn.request(head)
+                body = Body(conn, status, resp_headers, http11=http11)
             except StaleConnection:
                 if conn is not None:
                     conn.close()
@@ -257,11 +286,27 @@ class HttpClient:
             except WireError as exc:
                 if conn is not None:
                     conn.close()
+                if self._cancel is not None and self._cancel.is_set():
+                    raise CancelledError(f"cancelled: {redact(url)}", url=url) from exc
                 raise TransportError(f"request failed for {redact(url)}: {exc}",
                                      url=url) from exc
-            body = Body(conn, status, resp_headers, http11=http11)
+            finally:
+                self._set_inflight(None)
             return _WireResponse(self, key, status, resp_headers, body, url)
         raise TransportError(f"request failed for {redact(url)}: connection closed", url=url)
+
+    def _set_inflight(self, sock: socket.socket | None) -> None:
+        self._inflight = sock
+
+    def abort(self) -> None:
+        """Break a request that is connecting or waiting for its response head (Ctrl-C).
+
+        Bodies are aborted through their Response; this covers the time before one exists.
+        """
+        sock = self._inflight
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
 
     def close(self) -> None:
         """Close every pooled connection."""

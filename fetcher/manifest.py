@@ -8,13 +8,15 @@ strings, so a million-line manifest costs tens of MiB, not hundreds.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from .naming import DigestTable
 
@@ -35,32 +37,56 @@ class ManifestWriter:
     def __init__(self, path: Path) -> None:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._fh: IO[str] | None = open(path, "a", encoding="utf-8")  # noqa: SIM115
+        # One os.write per line on an O_APPEND descriptor: a line lands whole or, on a
+        # full disk, fails; nothing sits in a userspace buffer to be torn at exit.
+        self._fd: int | None = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
         self._lock = threading.Lock()
+        self.failed = False
+        _end_with_newline(path, self._fd)
 
     def write(self, record: dict[str, Any]) -> None:
-        """Append one record and flush it."""
-        line = json.dumps(record, ensure_ascii=False, default=str) + "\n"
+        """Append one record (raises OSError when the disk refuses it)."""
+        line = (json.dumps(record, ensure_ascii=False, default=str) + "\n").encode()
         with self._lock:
-            if self._fh is None:
+            if self._fd is None:
                 raise ValueError(f"manifest {self.path} is closed")
-            self._fh.write(line)
-            self._fh.flush()
+            if self.failed:
+                raise OSError(f"manifest {self.path}: an earlier write failed")
+            try:
+                written = os.write(self._fd, line)
+                if written != len(line):  # short write: disk full mid-line
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            except OSError:
+                self.failed = True  # the next run repairs a torn last line
+                raise
 
     def sync(self) -> None:
-        """fsync the journal (at the end of a run)."""
+        """fsync the journal (at the end of a run); a refusing disk is not an error here."""
         with self._lock:
-            if self._fh is not None:
-                self._fh.flush()
-                os.fsync(self._fh.fileno())
+            if self._fd is not None:
+                with contextlib.suppress(OSError):
+                    os.fsync(self._fd)
 
     def close(self) -> None:
-        """Flush, fsync and close."""
+        """fsync and close."""
         self.sync()
         with self._lock:
-            if self._fh is not None:
-                self._fh.close()
-                self._fh = None
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+
+
+def _end_with_newline(path: Path, fd: int) -> None:
+    """Terminate a torn last line (a killed or disk-full run) so new lines parse."""
+    try:
+        size = os.fstat(fd).st_size
+        if size:
+            with open(path, "rb") as fh:
+                fh.seek(size - 1)
+                if fh.read(1) != b"\n":
+                    os.write(fd, b"\n")
+    except OSError:
+        pass
 
 
 def iter_records(path: Path) -> Iterator[dict[str, Any]]:
@@ -72,7 +98,7 @@ def iter_records(path: Path) -> Iterator[dict[str, Any]]:
     with fh:
         for line in fh:
             if not line.endswith("\n"):
-                break  # torn write from a killed run
+                break  # torn write from a killed run (repaired when next opened)
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError:

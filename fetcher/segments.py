@@ -13,6 +13,7 @@ the assembled file before it is published, like any other download.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -55,6 +56,7 @@ class SplitDownload:
         self.segments = segments
         self._lock = threading.Lock()
         self._failed = threading.Event()  # one segment gave up: the others stop too
+        self._changed = threading.Event()  # a 200 to a ranged request: the file changed
 
     @classmethod
     def resumable(cls, ctx: Any, url: str, shown: str, part: str,
@@ -75,7 +77,7 @@ class SplitDownload:
 
     def run(self, first: Response | None = None) -> tuple[int, str]:
         """Fetch every unfinished segment; ``first`` streams segment 0 if given."""
-        fd = os.open(self.part, os.O_RDWR | os.O_CREAT)
+        fd = os.open(self.part, os.O_RDWR | os.O_CREAT, 0o666)
         try:
             if os.fstat(fd).st_size != self.total:
                 os.ftruncate(fd, self.total)
@@ -95,10 +97,16 @@ class SplitDownload:
                 for fut in futures:
                     if (failure := fut.exception()) is not None:
                         errors.append(failure)
-            if errors:
-                raise next((e for e in errors if isinstance(e, ItemError)), errors[0])
         finally:
             os.close(fd)
+        if self._changed.is_set():  # nothing of the old version may be kept
+            for path in (self.part, self.meta):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+            raise TransportError(f"{self.shown}: changed while downloading in segments; "
+                                 "starting over", url=self.shown)
+        if errors:
+            raise next((e for e in errors if isinstance(e, ItemError)), errors[0])
         hasher = hashlib.sha256()
         with open(self.part, "rb") as fh:
             while buf := fh.read(_READ_BUF):
@@ -123,7 +131,9 @@ class SplitDownload:
                         resp, first = first, None
                         pos = self._copy(fd, resp, pos, end)
                     else:
-                        client = client or HttpClient(self.cfg)
+                        if client is None:
+                            client = HttpClient(self.cfg, cancel=self.ctx.cancel)
+                            self.ctx.clients.append(client)
                         pos = self._fetch(client, fd, pos, end)
                     if pos > end:
                         self._done(index)
@@ -133,7 +143,7 @@ class SplitDownload:
                 except TransportError:
                     tries += 1
                     if tries > self.cfg.retries or self.ctx.cancel.is_set() or \
-                            self._failed.is_set():
+                            self._failed.is_set() or self._changed.is_set():
                         raise
                     from .download import backoff_delay
 
@@ -143,6 +153,8 @@ class SplitDownload:
         finally:
             if client is not None:
                 client.close()
+                with contextlib.suppress(ValueError):
+                    self.ctx.clients.remove(client)
 
     def _fetch(self, client: HttpClient, fd: int, pos: int, end: int) -> int:
         resp = client.get(self.url, {"Range": f"bytes={pos}-{end}",
@@ -151,8 +163,7 @@ class SplitDownload:
         try:
             raise_for_status(resp, url=self.shown)
             if resp.status != 206:  # the resource changed under us: start the file over
-                os.unlink(self.part)
-                os.unlink(self.meta)
+                self._changed.set()
                 raise TransportError(f"{self.shown}: changed while downloading in segments",
                                      url=self.shown)
             got = resp.headers.get("Content-Range", "")

@@ -13,10 +13,14 @@ keeps urllib3 for proxies.
 from __future__ import annotations
 
 import contextlib
+import errno
+import os
+import select
 import socket
 import ssl
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 MAX_HEAD = 64 * 1024
@@ -73,20 +77,54 @@ def tls_context(verify: bool | str, cert: str | tuple[str, str] | None) -> ssl.S
         return ctx
 
 
+def _connect(host: str, port: int, timeout: float, cancel: threading.Event | None,
+             on_socket: Callable[[socket.socket | None], None] | None) -> socket.socket:
+    """Connect in short slices so that ``cancel`` (Ctrl-C) interrupts a hanging connect."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise WireError("connect", f"cannot resolve {host}: {exc}") from exc
+    last: BaseException | None = None
+    for family, kind, proto, _, address in infos:
+        sock = socket.socket(family, kind, proto)
+        if on_socket is not None:
+            on_socket(sock)
+        try:
+            sock.setblocking(False)
+            err = sock.connect_ex(address)
+            deadline = time.monotonic() + timeout
+            while err in (errno.EINPROGRESS, errno.EALREADY, errno.EWOULDBLOCK):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise WireError("connect", f"connect timed out after {timeout:g} s")
+                if cancel is not None and cancel.is_set():
+                    raise WireError("connect", "cancelled while connecting")
+                _, writable, _ = select.select([], [sock], [], min(left, 0.2))
+                if writable:
+                    err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                raise OSError(err, os.strerror(err))
+            sock.settimeout(timeout)
+            return sock
+        except WireError:
+            sock.close()
+            raise
+        except OSError as exc:
+            sock.close()
+            last = exc
+    raise WireError("connect", f"{type(last).__name__}: {last}")
+
+
 class Connection:
     """One keep-alive connection to one origin."""
 
     __slots__ = ("buf", "host", "requests", "sock")
 
     def __init__(self, host: str, port: int, *, timeout: float,
-                 tls: ssl.SSLContext | None) -> None:
+                 tls: ssl.SSLContext | None, cancel: threading.Event | None = None,
+                 on_socket: Callable[[socket.socket | None], None] | None = None) -> None:
         self.host = host
-        try:
-            sock = socket.create_connection((host, port), timeout=timeout)
-        except TimeoutError as exc:
-            raise WireError("connect", f"connect timed out after {timeout:g} s") from exc
-        except OSError as exc:
-            raise WireError("connect", f"{type(exc).__name__}: {exc}") from exc
+        sock = _connect(host, port, timeout, cancel, on_socket)
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if tls is not None:
@@ -134,6 +172,8 @@ class Connection:
                     raise StaleConnection("closed", "keep-alive connection closed")
                 raise WireError("closed", "connection closed before the response head")
             buf += data
+        if end > MAX_HEAD:
+            raise WireError("protocol", "response head larger than 64 KiB")
         lines = bytes(buf[:end]).decode("latin-1").split("\r\n")
         del buf[: end + 4]
         version, _, rest = lines[0].partition(" ")
@@ -177,6 +217,8 @@ class Body:
             self.remaining = None
         elif length is not None and length.strip().isdigit():
             self.remaining = int(length)
+        elif length is not None:  # "5, 7": disagreeing lengths; no framing to trust
+            raise WireError("protocol", f"invalid Content-Length {length[:40]!r}")
         else:
             self.remaining = None  # read until the server closes
             self.keep_alive = False
@@ -243,10 +285,9 @@ class Body:
         while True:
             if self._chunk_left == 0:
                 text = self._line().split(b";", 1)[0].strip()
-                try:
-                    self._chunk_left = int(text, 16)
-                except ValueError as exc:
-                    raise WireError("protocol", f"bad chunk size {text[:20]!r}") from exc
+                if not text or len(text) > 16 or text.strip(b"0123456789abcdefABCDEF"):
+                    raise WireError("protocol", f"bad chunk size {text[:20]!r}")
+                self._chunk_left = int(text, 16)
                 if self._chunk_left == 0:
                     while self._line():  # trailers, up to the empty line
                         pass
