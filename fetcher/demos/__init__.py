@@ -19,7 +19,9 @@ Every record has the keys of ``FIELDS``: ``experiment``, ``workload``, ``mode``,
 ``workers``, ``size`` (with its ``unit``), ``wall_s``, ``speedup`` (sequential wall
 time / this wall time, same workload and size), ``cpu_s`` and ``cpu_util`` (CPU time of
 this process and its worker processes / (wall time x usable cores), 0..1; None when
-it cannot be measured) and ``cores``; most also carry a ``note``.
+it cannot be measured), ``others_util`` (the same fraction for *other* programs
+running meanwhile: a busy machine shows up there) and ``cores``; most also carry a
+``note``.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ _HEADINGS = {
 # (experiment, workload) pairs whose sequential run is pure-Python computation: it
 # should get a whole core, and when it does not, other programs were competing.
 _CPU_BOUND = {("cpu", "perfect"), ("cpu", "squares"), ("overhead", "spin")}
+_BUSY = 0.25  # other programs' share of the cores above which a measurement is suspect
 
 
 def _module(name: str) -> Any:
@@ -88,23 +91,38 @@ def conclusions(records: Sequence[Record]) -> dict[str, str]:
 def warnings(records: Sequence[Record]) -> list[str]:
     """Caveats the numbers themselves reveal (a busy machine, CPU not measurable)."""
     out: list[str] = []
-    shares = [(r["cpu_s"] / r["wall_s"], r) for r in records
-              if (r["experiment"], r["workload"]) in _CPU_BOUND and r["mode"] == "sequential"
-              and r["cpu_s"] is not None and r["wall_s"] >= 0.1]
-    if shares:
-        share, r = min(shares, key=lambda x: x[0])
-        if share < 0.8:
-            out.append(f"the single-threaded {r['experiment']}/{r['workload']} run got only "
-                       f"{100 * share:.0f}% of a core: other programs were using the CPU, so "
-                       "these numbers understate this machine (run again when it is idle)")
+    busy = [r for r in records if (r.get("others_util") or 0.0) > _BUSY and r["wall_s"] >= 0.1]
+    if busy:
+        worst = max(busy, key=lambda r: r["others_util"])
+        out.append(f"other programs kept the CPU busy during {len(busy)} of {len(records)} "
+                   f"measurements (worst: {pct(worst['others_util'])} of the cores during "
+                   f"{worst['experiment']}/{worst['workload']} {worst['mode']} x"
+                   f"{worst['workers']}): those numbers understate this machine, so run "
+                   "again when it is idle")
+    elif not any(r.get("others_util") is not None for r in records):
+        # Other programs' load is unknown: a single-threaded CPU-bound run that got
+        # much less than a whole core reveals them too.
+        shares = [(r["cpu_s"] / r["wall_s"], r) for r in records
+                  if (r["experiment"], r["workload"]) in _CPU_BOUND
+                  and r["mode"] == "sequential" and r["cpu_s"] is not None
+                  and r["wall_s"] >= 0.1]
+        if shares:
+            share, r = min(shares, key=lambda x: x[0])
+            if share < 0.8:
+                out.append(f"the single-threaded {r['experiment']}/{r['workload']} run got "
+                           f"only {100 * share:.0f}% of a core: other programs were using the "
+                           "CPU, so these numbers understate this machine (run again when it "
+                           "is idle)")
     if any(r["cpu_util"] is None and r["wall_s"] >= 0.02 for r in records):
         out.append("CPU use of worker processes is shown as n/a: install psutil to measure it")
     return out
 
 
 def render_table(records: Sequence[Record]) -> str:
-    """A plain-text table: workload, mode, workers, size, wall time, speedup, CPU util."""
-    head = ("workload", "mode", "workers", "size", "wall (s)", "speedup", "CPU util")
+    """A plain-text table: workload, mode, workers, size, wall time, speedup, CPU util
+    (ours), and what other programs used meanwhile."""
+    head = ("workload", "mode", "workers", "size", "wall (s)", "speedup", "CPU util",
+            "others")
     rows = [head]
     for r in records:
         sp, wall = r["speedup"], r["wall_s"]
@@ -112,7 +130,7 @@ def render_table(records: Sequence[Record]) -> str:
         rows.append((str(r["workload"]), str(r["mode"]), str(r["workers"]),
                      f"{r['size']:,} {r['unit']}",
                      f"{wall:.3f}" if wall >= 0.001 else f"{wall:.1e}", speed,
-                     pct(r["cpu_util"])))
+                     pct(r["cpu_util"]), pct(r.get("others_util"))))
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     left = {0, 1}
 
@@ -170,7 +188,8 @@ def cli_demo(name: str, *, quick: bool, plot: Path | None, as_json: bool) -> int
     elapsed = time.perf_counter() - started
     if records:
         out("\nCPU util = CPU time of this process and its workers / (wall time x "
-            f"{machine['cores']} cores).")
+            f"{machine['cores']} cores); others = the same for every other program running "
+            "meanwhile (high means a busy machine, and slower numbers).")
     if plot is not None and records:
         from .plot import plot as draw
 

@@ -15,7 +15,7 @@ Log = Callable[[str], None]
 
 FIELDS: tuple[str, ...] = (
     "experiment", "workload", "mode", "workers", "size", "unit", "wall_s", "speedup",
-    "cpu_s", "cpu_util", "cores",
+    "cpu_s", "cpu_util", "others_util", "cores",
 )
 """Keys every record has, in table order."""
 
@@ -33,7 +33,9 @@ def make_record(experiment: str, workload: str, mode: str, workers: int, size: i
                 unit: str, sample: Sample, baseline_s: float | None,
                 note: str = "") -> Record:
     """Build a record; ``speedup`` is ``baseline_s / wall_s`` (None without a baseline)."""
-    util = sample.cpu_util if sample.wall_s >= MIN_WALL_FOR_CPU_S else None
+    short = sample.wall_s < MIN_WALL_FOR_CPU_S
+    util = None if short else sample.cpu_util
+    others = None if short else sample.others_util
     rec: Record = {
         "experiment": experiment,
         "workload": workload,
@@ -46,6 +48,7 @@ def make_record(experiment: str, workload: str, mode: str, workers: int, size: i
                     if baseline_s is not None and sample.wall_s > 0 else None),
         "cpu_s": _sig(sample.cpu_s) if sample.cpu_s is not None else None,
         "cpu_util": round(util, 4) if util is not None else None,
+        "others_util": round(others, 4) if others is not None else None,
         "cores": sample.cores,
     }
     if note:
@@ -68,10 +71,11 @@ def powers_of_two(limit: int, *, extra: Iterable[int] = ()) -> list[int]:
     return sorted(x for x in out if x >= 1)
 
 
-def best(records: Sequence[Record], **match: Any) -> Record | None:
-    """The record with the highest speedup among those whose fields equal ``match``."""
+def best(records: Sequence[Record], *, min_workers: int = 1, **match: Any) -> Record | None:
+    """The record with the highest speedup among those whose fields equal ``match``
+    and that ran on at least ``min_workers`` workers."""
     hits = [r for r in records if all(r.get(k) == v for k, v in match.items())
-            and r.get("speedup") is not None]
+            and r.get("speedup") is not None and r["workers"] >= min_workers]
     return max(hits, key=lambda r: r["speedup"]) if hits else None
 
 

@@ -183,22 +183,29 @@ def _download_runs(sz: Sizes, log: Log) -> list[Record]:
 
 def conclude(records: list[Record]) -> str:
     """One sentence, from the numbers, on what the experiment shows."""
+    mine = [r for r in records if r["experiment"] == EXPERIMENT]
     parts: list[str] = []
-    for workload, what in (("sleep", "the sleeping tasks"), ("download", "the downloads")):
-        t = best(records, experiment=EXPERIMENT, workload=workload, mode="threads")
-        p = best(records, experiment=EXPERIMENT, workload=workload, mode="processes")
+    busy: list[str] = []
+    utils: list[float] = []
+    speedups: list[float] = []
+    for workload, what in (("sleep", "sleeping tasks"), ("download", "downloads")):
+        t = best(mine, workload=workload, mode="threads")
+        p = best(mine, workload=workload, mode="processes")
         if t is None or p is None:
             continue
-        parts.append(f"{what} ran {t['speedup']:.1f}x faster with {t['workers']} threads "
-                     f"and {p['speedup']:.1f}x with {p['workers']} processes")
+        parts.append(f"{what} {t['speedup']:.1f}x faster with {t['workers']} threads and "
+                     f"{p['speedup']:.1f}x with {p['workers']} processes")
+        busy.append(f"{pct(t['cpu_util'])} / {pct(p['cpu_util'])} for the {what}")
+        utils += [r["cpu_util"] for r in (t, p) if r["cpu_util"] is not None]
+        speedups += [t["speedup"], p["speedup"]]
     if not parts:
         return "io: no measurements."
-    utils = [r["cpu_util"] for r in records
-             if r["experiment"] == EXPERIMENT and r["mode"] != "sequential"
-             and r["cpu_util"] is not None]
-    cores = records[0]["cores"]
-    busy = (f", while the {cores} cores were at most {pct(max(utils))} busy" if utils
-            else "")
-    return (f"I/O-bound: {'; '.join(parts)} than one at a time{busy}: waiting needs "
-            f"workers, not cores (each request waited {DEFAULT_LATENCY_S * 1000:.0f} ms "
-            "at the local server).")
+    cores = mine[0]["cores"]
+    cpu = ("the CPU mostly idle" if utils and max(utils) < 0.5
+           else "the CPU not the limit" if utils else "CPU use unknown")
+    lesson = f"up to {max(speedups):.0f}x on {cores} cores: " + (
+        "waiting needs workers, not cores" if max(speedups) > cores else
+        "no more than the core count here, so something besides waiting limited it")
+    return (f"I/O-bound: {'; '.join(parts)} than one at a time, with {cpu} (busy with "
+            f"threads / processes: {', '.join(busy)}); {lesson} (each request waited "
+            f"{DEFAULT_LATENCY_S * 1000:.0f} ms at the local server).")

@@ -14,6 +14,12 @@ for the whole run. ``cpu_s`` is the user + system time, over the measured block,
 Without psutil the last part is missing, so blocks that ran worker processes report
 ``cpu_s`` and ``cpu_util`` as ``None`` instead of a number that looks too low.
 Processes passed in ``exclude`` (the demo's HTTP server) are not counted.
+
+``others_s`` is the CPU time the usable CPUs spent on *other* programs during the
+block (system-wide busy time, hypervisor steal included, minus ours and the excluded
+processes'); a shared or busy machine shows up there, so a slow result can be told
+apart from a slow method. It needs psutil and CPUs pinned by affinity (not only a
+cgroup quota); otherwise it is ``None``.
 """
 
 from __future__ import annotations
@@ -73,13 +79,57 @@ def _descendants(exclude: Collection[int]) -> dict[int, float]:
     return out
 
 
+def _system_busy() -> float | None:
+    """Busy seconds (steal included) summed over the CPUs this process may use."""
+    if psutil is None:
+        return None
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return None
+    if len(cpus) != usable_cpu_count():
+        return None  # a cgroup quota, not pinned CPUs: other tenants are not ours to see
+    per_cpu = psutil.cpu_times(percpu=True)
+    busy = 0.0
+    for i in cpus:
+        if i >= len(per_cpu):
+            return None
+        t = per_cpu[i]
+        busy += sum(t) - t.idle - getattr(t, "iowait", 0.0) - getattr(t, "guest", 0.0) \
+            - getattr(t, "guest_nice", 0.0)  # guest time is already inside user/nice
+    return busy
+
+
+def _cpu_of(pids: Collection[int]) -> float:
+    """CPU seconds used so far by ``pids`` (and the children they reaped)."""
+    total = 0.0
+    if psutil is None:
+        return total
+    for pid in pids:
+        try:
+            t = psutil.Process(pid).cpu_times()
+        except psutil.Error:
+            continue
+        total += t.user + t.system + t.children_user + t.children_system
+    return total
+
+
 @dataclass(frozen=True, slots=True)
 class Sample:
-    """One measured block: wall seconds, CPU seconds (None if unknown), usable cores."""
+    """One measured block: wall seconds, CPU seconds (None if unknown), usable cores,
+    and CPU seconds other programs used meanwhile (None if unknown)."""
 
     wall_s: float
     cpu_s: float | None
     cores: int
+    others_s: float | None = None
+
+    @property
+    def others_util(self) -> float | None:
+        """Fraction of the usable cores other programs kept busy (0..1), or None."""
+        if self.others_s is None or self.wall_s <= 0:
+            return None
+        return self.others_s / (self.wall_s * self.cores)
 
     @property
     def cpu_util(self) -> float | None:
@@ -103,9 +153,13 @@ class CpuMeter:
         self._t0 = 0.0
         self._own0 = self._reaped0 = 0.0
         self._desc0: dict[int, float] = {}
+        self._excl0 = 0.0
+        self._busy0: float | None = None
         self._sample: Sample | None = None
 
     def __enter__(self) -> CpuMeter:
+        self._busy0 = _system_busy()
+        self._excl0 = _cpu_of(self.exclude)
         self._desc0 = _descendants(self.exclude)
         self._own0, self._reaped0 = _own_and_reaped()
         self._t0 = time.perf_counter()
@@ -116,6 +170,8 @@ class CpuMeter:
         wall = time.perf_counter() - self._t0
         own, reaped = _own_and_reaped()
         desc = _descendants(self.exclude)
+        excl = _cpu_of(self.exclude)
+        busy = _system_busy()
         cpu: float | None = (own - self._own0) + (reaped - self._reaped0)
         if psutil is not None:
             # A descendant alive at the start and reaped during the block appears in
@@ -125,7 +181,10 @@ class CpuMeter:
                       + sum(desc.values()) - sum(self._desc0.values()))
         elif self.uses_processes:
             cpu = None
-        self._sample = Sample(wall_s=wall, cpu_s=cpu, cores=self._cores)
+        others: float | None = None
+        if busy is not None and self._busy0 is not None and cpu is not None:
+            others = max(0.0, busy - self._busy0 - cpu - (excl - self._excl0))
+        self._sample = Sample(wall_s=wall, cpu_s=cpu, cores=self._cores, others_s=others)
 
     @property
     def sample(self) -> Sample:

@@ -23,7 +23,7 @@ HTML_SUFFIXES = (".html", ".htm")
 
 _TITLES = {
     "io": "I/O-bound", "cpu": "CPU-bound", "overhead": "pool overhead",
-    "pipeline": "download + thumbnail pipeline",
+    "pipeline": "pipeline",
 }
 _STYLE = {  # mode -> (colour, marker)
     "sequential": ("#444444", "s"), "threads": ("#1f77b4", "o"),

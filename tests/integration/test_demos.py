@@ -27,7 +27,8 @@ from fetcher.errors import ConfigError
 from fetcher.executors import parallel_map, shutdown_pools
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-TABLE_HEADER = ("workload", "mode", "workers", "size", "wall (s)", "speedup", "CPU util")
+TABLE_HEADER = ("workload", "mode", "workers", "size", "wall (s)", "speedup", "CPU util",
+                "others")
 
 
 def _has(module: str) -> bool:
@@ -48,9 +49,10 @@ def _check_records(records: list[dict[str, Any]]) -> None:
         assert r["wall_s"] > 0
         assert r["workers"] >= 1 and r["size"] >= 1 and r["cores"] >= 1
         assert r["speedup"] is not None and r["speedup"] > 0
-        if r["cpu_util"] is not None:
-            # CPU time cannot exceed wall time x cores (tick rounding allowed)
-            assert 0 <= r["cpu_util"] <= 1.3, r
+        for key in ("cpu_util", "others_util"):
+            if r[key] is not None:
+                # CPU time cannot exceed wall time x cores (tick rounding allowed)
+                assert 0 <= r[key] <= 1.3, r
     for r in records:
         if r["mode"] == "sequential":
             assert r["speedup"] == 1.0
@@ -87,8 +89,9 @@ def test_demo_all_quick_prints_tables_conclusions_and_writes_png(tmp_path: Path)
                 break
             rows.append(line)
         assert rows, section
-        for row in rows:  # wall time, speedup and CPU util are the last three cells
-            assert re.search(r"\s\d+(\.\d+)?(e-\d+)?\s+\d[\d.e-]*x\s+(\d+%|n/a)$", row), row
+        for row in rows:  # wall time, speedup, CPU util and others are the last four cells
+            assert re.search(r"\s\d+(\.\d+)?(e-\d+)?\s+\d[\d.e-]*x\s+(\d+%|n/a)\s+(\d+%|n/a)$",
+                             row), row
         modes = {m for m in expected_modes[name] if re.search(rf"\s{re.escape(m)}\s", section)}
         assert modes == expected_modes[name], (name, modes)
         conclusion = next(line for line in lines if line.startswith("Conclusion: "))
@@ -183,6 +186,8 @@ def test_cpu_meter_counts_worker_processes() -> None:
     # Two workers did twice the work of the single run (plus start-up): the meter must
     # see it, although the workers are children of the fork server, not of us.
     assert pooled.sample.cpu_s > 1.4 * own, (own, pooled.sample)
+    others = pooled.sample.others_util
+    assert others is None or 0 <= others <= 1.3  # a fraction of the cores, when known
 
 
 def test_cpu_meter_threads_and_idle() -> None:
@@ -209,6 +214,15 @@ def test_crossover_is_where_the_pool_starts_winning_for_good() -> None:
     assert crossover(records, "spin", "joblib") is None
     sentence = conclusions(records)["overhead"]
     assert "16 tasks (mp.Pool)" in sentence and "joblib" in sentence
+
+
+def test_warnings_flag_measurements_other_programs_slowed() -> None:
+    quiet = _rec("cpu", "squares", "threads", 8, 1.0, 1.0, cpu=0.5)
+    quiet["others_util"] = 0.03
+    busy = dict(quiet, mode="processes", others_util=0.6)
+    assert warnings([quiet]) == []
+    (note,) = warnings([quiet, busy])
+    assert "1 of 2 measurements" in note and "60% of the cores" in note
 
 
 def test_warnings_flag_a_starved_sequential_run() -> None:
