@@ -5,7 +5,8 @@ speedup over sequential against the number of workers, with the ideal line
 (speedup = workers) and the core count marked; the overhead experiment plots wall
 time against input size on log-log axes, one line per backend, so the crossover with
 the sequential line is visible. matplotlib and plotly are imported only when a chart
-is drawn; matplotlib uses the Agg backend (no display needed).
+is drawn; matplotlib draws on a bare ``Figure`` (Agg canvas, no display needed, pyplot
+untouched).
 """
 
 from __future__ import annotations
@@ -154,15 +155,15 @@ def plot(records: Sequence[Record], path: str | Path) -> Path:
 
 
 def _matplotlib(ps: list[Panel], target: Path, suptitle: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    # A bare Figure draws with the Agg canvas and leaves pyplot's global state (and a
+    # notebook's backend) alone.
+    from matplotlib.figure import Figure
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     ncols = 1 if len(ps) == 1 else 2
     nrows = math.ceil(len(ps) / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(7.0 * ncols, 4.6 * nrows), squeeze=False)
+    fig = Figure(figsize=(7.0 * ncols, 4.6 * nrows))
+    axes = fig.subplots(nrows, ncols, squeeze=False)
     for ax, p in zip(axes.flat, ps, strict=False):
         for s in p.series:
             colour, marker = _STYLE.get(s.mode, (None, "o"))
@@ -201,7 +202,6 @@ def _matplotlib(ps: list[Panel], target: Path, suptitle: str) -> None:
     fig.suptitle(suptitle, fontsize=11)
     fig.tight_layout(rect=(0.0, 0.0, 1.0, 1.0 - 0.35 / (4.6 * nrows)))
     fig.savefig(target, dpi=110)
-    plt.close(fig)
 
 
 def _plotly(ps: list[Panel], target: Path, suptitle: str) -> None:
