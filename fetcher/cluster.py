@@ -460,22 +460,31 @@ class _WorkerRun:
 
             self.chain = parse_chain(spec.post)
         self._local = threading.local()
-        self._clients: list[HttpClient] = []
+        self.clients: list[HttpClient] = []
+        self.contexts: dict[int, _AttemptContext] = {}  # batches running here now, by id
         self._lock = threading.Lock()
         self.config = cfg
 
     def client(self) -> HttpClient:
         client: HttpClient | None = getattr(self._local, "client", None)
         if client is None:
-            client = self._local.client = HttpClient(self.config)
+            client = self._local.client = HttpClient(self.config, cancel=self.cancel)
             with self._lock:
-                self._clients.append(client)
+                self.clients.append(client)
         return client
 
-    def close(self) -> None:
+    def abort(self) -> None:
+        """Stop this run here: break transfers, connects and waits for a response head."""
         self.cancel.set()
+        with self._lock:
+            contexts = list(self.contexts.values())
+        for ctx in contexts:
+            ctx.abort_all()
+
+    def close(self) -> None:
+        self.abort()
         self.pool.shutdown(wait=False, cancel_futures=True)  # never block the event loop
-        for client in self._clients:
+        for client in self.clients:
             with contextlib.suppress(Exception):
                 client.close()
 
@@ -511,7 +520,7 @@ def _cancel_run(token: str) -> None:
         _CANCELLED.add(token)
         run = _RUNS.get(token)
     if run is not None:
-        run.cancel.set()
+        run.abort()
 
 
 def _end_run(token: str) -> None:
@@ -553,18 +562,17 @@ def _move(src: Path, dst: Path) -> None:
 
 
 def _run_item(run: _WorkerRun, ctx: _AttemptContext, shared: Path, journal: _Journal,
-              item: _Item) -> Result | None:
+              item: _Item) -> Result:
     """Download one planned item (or take its finished Result) and post-process it."""
     url, rel, sha, resume, done = item
     if done is not None:
         result = done
     else:
-        if ctx.stop_new.is_set():
-            return None  # never started, as a local run never schedules it
         shown = redact(url)
-        if ctx.cancel.is_set():
+        if ctx.cancel.is_set() or ctx.stop_new.is_set():  # as a local run's queued items
+            why = run.stop_reason or ctx.stop_reason or "interrupted"
             return Result(url=shown, path=rel, status="failed").fail(
-                CancelledError(f"cancelled before start: {shown}", url=shown))
+                CancelledError(f"not started ({why}): {shown}", url=shown))
         name = partial_name(url, rel)
         meta_name = name[:-5] + ".json"
         if resume:  # claim an earlier run's partial; rename lets one attempt win it
@@ -591,29 +599,31 @@ def _run_item(run: _WorkerRun, ctx: _AttemptContext, shared: Path, journal: _Jou
 
 
 def _run_batch(spec: _Spec, number: int, packed: bytes | list[_Item]
-               ) -> tuple[list[Result | None], str | None]:
-    """Worker side of one batch: (one Result per item, None if not started; stop reason).
+               ) -> tuple[list[Result], str | None]:
+    """Worker side of one batch: (one Result per item, in order; why new items stopped).
 
     ``packed`` is the pickled list of items (Dask would otherwise walk every tuple
     looking for nested futures)."""
     items: list[_Item] = pickle.loads(packed) if isinstance(packed, bytes) else packed
     run = _enter_run(spec)
     try:
-        if run.cancel.is_set():
-            return [None] * len(items), None
         dest = Path(spec.dest)
         attempt = f"{spec.token}-{number}-{uuid.uuid4().hex[:8]}"
         shared = dest / PARTIAL_DIR
         ctx = _AttemptContext(config=spec.config, dest=dest, gate=run.gate, cancel=run.cancel,
-                              stop_new=run.stop_new, _dirs=run.dirs,
+                              stop_new=run.stop_new, clients=run.clients, _dirs=run.dirs,
                               attempt_dir=shared / f".b-{attempt}")
         ctx.attempt_dir.mkdir(parents=True, exist_ok=True)
         journal = _Journal(dest / JOURNAL_DIR / f"{attempt}.jsonl")
+        with run._lock:
+            run.contexts[id(ctx)] = ctx
         try:
             futures = [run.pool.submit(_run_item, run, ctx, shared, journal, item)
                        for item in items]
             results = [f.result() for f in futures]
         finally:
+            with run._lock:
+                run.contexts.pop(id(ctx), None)
             journal.close()
             shutil.rmtree(ctx.attempt_dir, ignore_errors=True)
         if ctx.stop_reason is not None:
@@ -692,9 +702,8 @@ class _ClusterRun(_Run):
         jdir = self.dest / JOURNAL_DIR
         with contextlib.suppress(OSError):
             self._journals = sorted(jdir.glob("*.jsonl"))
-        if not self.cfg.force:
-            for path in self._journals:
-                self.index.load(path)
+        for path in self._journals:  # under --force too: they say which files are ours
+            self.index.load(path)
         return manifest
 
     def _finish(self, result: Result) -> None:
@@ -839,9 +848,8 @@ class _ClusterRun(_Run):
             results = [Result(url=redact(item[0]), path=item[1], status="failed").fail(err)
                        for item in batch.items]
         for result, extra in zip(results, batch.extras, strict=True):
-            if result is not None:
-                result.extra = extra
-                self._record(result)
+            result.extra = extra
+            self._record(result)
         if stop:
             self.ctx.stop(stop)
 

@@ -331,6 +331,35 @@ def test_a_cut_transfer_resumes_on_the_next_cluster_run(server: TestServer, dest
     assert os.listdir(dest / ".fetcher" / "partial") == []
 
 
+def test_cancel_stops_the_workers_transfers_and_the_next_run_resumes(
+        server: TestServer, dest: Path, client: Any) -> None:
+    wait_for_two_workers(client)
+    bodies = {f"/s/{i}.bin": os.urandom(300_000 + i) for i in range(6)}
+    for path, body in bodies.items():
+        server.add(path, body, slow_bps=100_000)  # three seconds per file
+    urls = [server.url(p) for p in bodies]
+    cancel = threading.Event()
+    threading.Timer(1.0, cancel.set).start()
+    t0 = time.monotonic()
+    report = Fetcher(FetchConfig(threads=4), cluster=client).run(urls, dest, cancel=cancel)
+    assert time.monotonic() - t0 < 2.8  # not the three seconds a transfer would take
+    assert report.interrupted and report.counts["ok"] == 0
+    records = manifest(dest)
+    assert len(records) == len({r["url"] for r in records}) == 6
+    assert {r["error_type"] for r in records} == {"CancelledError"}
+    assert not any((dest / p.lstrip("/")).exists() for p in bodies)
+    # Partials went back to the shared directory: the next run continues them.
+    assert any(name.endswith(".part") for name in os.listdir(dest / ".fetcher" / "partial"))
+    server.clear_log()
+    for path in bodies:
+        server.route(path).slow_bps = None
+    again = fetch(urls, dest, cluster=client)
+    assert again.counts["ok"] == 6
+    for path, body in bodies.items():
+        assert (dest / path.lstrip("/")).read_bytes() == body
+    assert any("Range" in headers for _, headers in server.requests())
+
+
 def test_a_client_killed_mid_run_is_resumed_without_renames(
         server: TestServer, dest: Path, tmp_path: Path, client: Any) -> None:
     from fetcher.cluster import _end_run, _run_batch, _Spec
