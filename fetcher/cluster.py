@@ -700,10 +700,8 @@ class _ClusterRun(_Run):
     def _open(self, stack: contextlib.ExitStack) -> Any:
         manifest = super()._open(stack)
         jdir = self.dest / JOURNAL_DIR
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError):  # (the base class loaded them into the index)
             self._journals = sorted(jdir.glob("*.jsonl"))
-        for path in self._journals:  # under --force too: they say which files are ours
-            self.index.load(path)
         return manifest
 
     def _finish(self, result: Result) -> None:

@@ -201,6 +201,9 @@ class _Run:
         published_path = self.dest / ".fetcher" / PUBLISHED_NAME
         # Loaded under --force too: it says which files are ours to replace, not rename.
         self.index.load(manifest_path).load(published_path)
+        # Files a --cluster run's workers published before its client died are ours too.
+        for journal in sorted((self.dest / ".fetcher" / "cluster").glob("*.jsonl")):
+            self.index.load(journal)
         manifest = ManifestWriter(manifest_path)
         stack.callback(manifest.close)
         self.report.manifest = str(manifest_path)

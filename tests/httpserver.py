@@ -31,6 +31,10 @@ class Route:
     status: int = 200
     slow_bps: int | None = None
     chunked: bool = False
+    served: int = 0
+    swap_after: int | None = None
+    """After this many requests, the route serves ``swap_to`` (body, etag) instead."""
+    swap_to: tuple[bytes, str] | None = None
 
     def __post_init__(self) -> None:
         if self.etag is None:
@@ -76,6 +80,11 @@ class _Handler(BaseHTTPRequestHandler):
             srv.log.append((path, dict(self.headers.items())))
             route = srv.routes.get(path.split("?")[0])
             fault = route.script.popleft() if route and route.script else None
+            if route is not None:
+                if route.swap_after is not None and route.served == route.swap_after \
+                        and route.swap_to is not None:
+                    route.body, route.etag = route.swap_to  # the resource changes now
+                route.served += 1
         if route is None:
             self._simple(404, b"not found")
             return

@@ -148,20 +148,10 @@ def test_ctrl_c_while_waiting_for_a_response_exits_promptly(dest: Path,
 def test_split_download_of_a_changing_file_starts_over(server: TestServer,
                                                        dest: Path) -> None:
     old, new = os.urandom(1_500_000), os.urandom(1_200_000)
-    url = server.add("/moving.bin", old)
+    url = server.add("/moving.bin", old, swap_after=3, swap_to=(new, '"v2"'))
     server.script("/moving.bin", "none", "cut:1000", "cut:1000")  # two segments break
-    route = server.route("/moving.bin")
-
-    def change() -> None:  # before the broken segments come back for the rest
-        while len(server.requests("/moving.bin")) < 3:
-            time.sleep(0.005)
-        route.body, route.etag = new, '"v2"'
-
-    t = threading.Thread(target=change)
-    t.start()
     report = fetch([url], dest, split=3, split_min_size=100_000, retries=3,
-                   backoff_base=0.4, backoff_max=0.5)
-    t.join()
+                   backoff_base=0.01, backoff_max=0.05)
     assert report.ok, report.failures
     assert (dest / "moving.bin").read_bytes() == new  # never a mix of versions
     assert report.results[0].attempts == 2
