@@ -203,8 +203,20 @@ def conclude(records: list[Record]) -> str:
         parts.append(f"{workload}: processes {p['speedup']:.1f}x with {p['workers']} workers "
                      f"(CPU {pct(p['cpu_util'])} busy), threads {t['speedup']:.1f}x at best "
                      f"(CPU {pct(t['cpu_util'])})")
-    text = (f"CPU-bound pure Python on {cores} cores: " + "; ".join(parts)
-            + " -- the GIL lets one thread compute at a time, processes use every core")
+    text = f"CPU-bound pure Python on {cores} cores: " + "; ".join(parts)
+    pure = [r for r in mine if r["workload"] in ("perfect", "squares") and r["workers"] >= 2]
+    t_max = max((r["speedup"] for r in pure if r["mode"] == "threads"), default=None)
+    p_max = max((r["speedup"] for r in pure if r["mode"] == "processes"), default=None)
+    if t_max is not None and p_max is not None:
+        if t_max < 1.2 and p_max >= 1.3:
+            text += (" -- the GIL lets one thread compute at a time; processes each have "
+                     "their own and use the cores")
+        elif t_max < 1.2:
+            text += (" -- threads gained nothing (the GIL), and processes did not either "
+                     "here: other programs held the cores (see the others column)")
+        else:
+            text += (" -- threads gained on pure Python, which the GIL should prevent: "
+                     "other programs' load probably slowed the sequential run")
     for workload in ("resize", "numpy-sort"):
         t = best(mine, workload=workload, mode="threads", min_workers=2)
         p = best(mine, workload=workload, mode="processes", min_workers=2)
