@@ -65,7 +65,7 @@ from typing import IO, TYPE_CHECKING, Any
 from .config import FetchConfig
 from .download import PARTIAL_DIR, HostGate, RunContext, SkipExisting, download_one, partial_name
 from .downloader import Fetcher, _file_size, _post_failed, _Run
-from .errors import CancelledError, ConfigError, ItemError, ProcessingError, WorkerLostError
+from .errors import CancelledError, ConfigError, ItemError, WorkerLostError
 from .executors import _Err, _Event, _Task, usable_cpu_count
 from .http import HttpClient, redact
 from .models import Job, Report, Result
@@ -879,53 +879,13 @@ def process_on_cluster(paths: Sequence[str | os.PathLike[str]], specs: Sequence[
     Same Results, in the same order, as ``transforms.process_paths``; every path and
     ``dest`` must be reachable at the same absolute path from every worker.
     """
-    from .errors import TaskError
-    from .executors import parallel_imap
-    from .transforms import ChainTask, parse_chain
-    from .transforms.pipeline import _as_processing_error, _label
-    from .transforms.registry import display_path
+    from .transforms import parse_chain, process_paths
 
-    chain = parse_chain(specs)
+    parse_chain(specs)  # a bad spec is a usage error before the cluster is contacted
     root = Path(os.path.abspath(dest if dest is not None else os.getcwd()))
     client = get_client(address)
     check_shared_dest(client, root, specs)
-    started = time.perf_counter()
-    report = Report()
-    seen: dict[str, str] = {}
-    todo: list[str] = []
-    clashes: dict[int, str] = {}
-    for i, p in enumerate(paths):
-        full = os.path.abspath(p)
-        key = display_path(Path(full), root) if Path(full).is_relative_to(root) \
-            else os.path.basename(full)
-        other = seen.setdefault(key, full)
-        if other != full:
-            clashes[i] = other
-        todo.append(full)
-    work = [t for i, t in enumerate(todo) if i not in clashes]
-    results = iter(parallel_imap(ChainTask(chain, root), work, mode="dask",
-                                 address=client, chunksize="auto", ordered=True,
-                                 on_error="collect", progress=progress))
-    for i, p in enumerate(paths):
-        shown = display_path(Path(todo[i]), root)
-        result = Result(url=os.fspath(p), path=shown, status="ok")
-        if i in clashes:
-            result.fail(ProcessingError(
-                f"its outputs would have the same name as those of {clashes[i]}",
-                transform=_label(chain), path=shown))
-        else:
-            value = next(results)
-            if isinstance(value, TaskError):
-                original = value.original if value.original is not None else value
-                result.fail(_as_processing_error(
-                    value if isinstance(value, WorkerLostError) else original, chain, shown))
-            else:
-                result.outputs = list(value)
-                with contextlib.suppress(OSError):
-                    result.bytes = os.stat(todo[i]).st_size
-        report.add(result)
-    report.elapsed_s = time.perf_counter() - started
-    return report
+    return process_paths(paths, specs, dest=root, progress=progress, address=client)
 
 
 # --------------------------------------------------------------------------- write

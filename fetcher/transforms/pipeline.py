@@ -114,14 +114,16 @@ class PostPipeline:
 
 def process_paths(paths: Sequence[str | os.PathLike[str]], specs: Sequence[str | Transform], *,
                   dest: str | os.PathLike[str] | None = None, processes: int | None = None,
-                  progress: Progress | None = None) -> Report:
+                  progress: Progress | None = None, address: Any = None) -> Report:
     """Run the ``--post`` chain over local files; one Result per path, in order.
 
     ``dest`` (default: the current directory) is where outputs go, under
     ``dest/.fetcher/derived/``. A path inside ``dest`` keeps its relative path there;
     a path outside is named by its base name, and two different files that would
     share a name fail (the second is not processed) rather than overwrite each
-    other. ``processes=0`` runs in this process. Each Result has ``url`` = the path as
+    other. ``processes=0`` runs in this process; ``address`` (a Dask Client) runs the
+    chains on its workers instead (``fetcher.cluster.process_on_cluster``). Each Result
+    has ``url`` = the path as
     given, ``path`` = the path relative to ``dest`` (or as given), ``outputs``
     relative to ``dest``, and on failure ``error_type`` "ProcessingError".
     """
@@ -143,11 +145,15 @@ def process_paths(paths: Sequence[str | os.PathLike[str]], specs: Sequence[str |
             clashes[i] = other
         todo.append(full)
     task = ChainTask(chain, root)
-    mode: Any = "sequential" if processes == 0 else "process"
+    mode: Any = "dask" if address is not None else \
+        "sequential" if processes == 0 else "process"
     work = [t for i, t in enumerate(todo) if i not in clashes]
+    # Local chunks of one: images take milliseconds each, and a killed worker then costs
+    # exactly one item. On Dask, "auto" amortises the scheduler's per-task cost.
     results = iter(parallel_imap(task, work, mode=mode, workers=processes or None,
-                                 chunksize=1, ordered=True, on_error="collect",
-                                 progress=progress))
+                                 chunksize="auto" if address is not None else 1,
+                                 ordered=True, on_error="collect", progress=progress,
+                                 address=address))
     for i, p in enumerate(paths):
         inside = Path(todo[i]).is_relative_to(root)
         shown = display_path(Path(todo[i]), root) if inside else os.fspath(p)
