@@ -66,7 +66,7 @@ from .config import FetchConfig
 from .download import PARTIAL_DIR, HostGate, RunContext, SkipExisting, download_one, partial_name
 from .downloader import Fetcher, _file_size, _post_failed, _Run
 from .errors import CancelledError, ConfigError, ItemError, WorkerLostError
-from .executors import _Err, _Event, _Task, usable_cpu_count
+from .executors import _Event, _Task, split_unpicklable, usable_cpu_count
 from .http import HttpClient, redact
 from .models import Job, Report, Result
 from .progress import NullProgress, Progress
@@ -264,20 +264,7 @@ class _DaskBackend:
         return str(fut.key)
 
     def _split_unpicklable(self, task: _Task) -> _Task:
-        good: list[int] = []
-        bad: list[_Err] = []
-        for i, item in enumerate(task.items):
-            try:
-                pickle.dumps(item, _PICKLE)
-                good.append(i)
-            except Exception as exc:
-                err = TypeError(f"the item ({type(item).__name__}) cannot be pickled to send "
-                                f"it to a Dask worker: {exc}")
-                bad.append((len(bad), err, "builtins.TypeError", str(err), f"TypeError: {err}\n"))
-        keep = set(good)
-        bad_task = task.sub([i for i in range(len(task.items)) if i not in keep])
-        self._events.append(_Event("done", bad_task, values=[None] * len(bad), errors=bad))
-        return task.sub(good)
+        return split_unpicklable(task, self._events, "a Dask worker")
 
     def wait(self, timeout: float | None) -> list[_Event]:
         if not self._events:

@@ -417,6 +417,28 @@ class _Event:
         self.exc = exc
 
 
+def split_unpicklable(task: _Task, events: list[_Event], where: str) -> _Task:
+    """The part of ``task`` whose items pickle; the rest fail at once as TypeErrors.
+
+    Their failure is appended to ``events`` (as a finished sub-task), so one bad item
+    never sinks the chunk it was cut into.
+    """
+    good: list[int] = []
+    bad: list[_Err] = []
+    for i, item in enumerate(task.items):
+        try:
+            pickle.dumps(item, _PICKLE)
+            good.append(i)
+        except Exception as exc:
+            err = TypeError(f"the item ({type(item).__name__}) cannot be pickled to send "
+                            f"it to {where}: {exc}")
+            bad.append((len(bad), err, "builtins.TypeError", str(err), f"TypeError: {err}\n"))
+    keep = set(good)
+    bad_task = task.sub([i for i in range(len(task.items)) if i not in keep])
+    events.append(_Event("done", bad_task, values=[None] * len(bad), errors=bad))
+    return task.sub(good)
+
+
 class _Backend(Protocol):
     workers: int
     broken: bool
@@ -693,20 +715,7 @@ class _ProcessBackend:
             self._on_death(w)
 
     def _split_unpicklable(self, task: _Task) -> _Task:
-        good: list[int] = []
-        bad: list[_Err] = []
-        for i, item in enumerate(task.items):
-            try:
-                pickle.dumps(item, _PICKLE)
-                good.append(i)
-            except Exception as exc:
-                err = TypeError(f"the item ({type(item).__name__}) cannot be pickled to send "
-                                f"it to a worker process: {exc}")
-                bad.append((len(bad), err, "builtins.TypeError", str(err), f"TypeError: {err}\n"))
-        keep = set(good)
-        bad_task = task.sub([i for i in range(len(task.items)) if i not in keep])
-        self._events.append(_Event("done", bad_task, values=[None] * len(bad), errors=bad))
-        return task.sub(good)
+        return split_unpicklable(task, self._events, "a worker process")
 
     def wait(self, timeout: float | None) -> list[_Event]:
         if not self._events:
