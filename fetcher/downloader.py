@@ -207,15 +207,8 @@ class _Run:
         manifest = ManifestWriter(manifest_path)
         stack.callback(manifest.close)
         self.report.manifest = str(manifest_path)
-        if self.fetcher.post:
-            from .transforms import PostPipeline
-
-            # Downloaded-but-unprocessed files are journaled here at publish time, so a
-            # run killed before its post-processing ends does not re-download them.
-            self.published = ManifestWriter(published_path)
-            stack.callback(self.published.close)
-            self.pipeline = stack.enter_context(
-                PostPipeline(self.fetcher.post, self.dest, processes=self.fetcher.processes))
+        # The sink opens before and closes after the post-processing pipeline (the stack
+        # unwinds in reverse), so records of items still being processed are not lost.
         if self.fetcher.sink:
             from .writers import MANIFEST_SCHEMA, ParallelWriter, open_sink
 
@@ -226,6 +219,15 @@ class _Run:
                 sink, key="url" if sink.supports_key else None, table=self.fetcher.sink_table,
                 schema=MANIFEST_SCHEMA, flush_interval=2.0)
             stack.callback(self._close_sink)
+        if self.fetcher.post:
+            from .transforms import PostPipeline
+
+            # Downloaded-but-unprocessed files are journaled here at publish time, so a
+            # run killed before its post-processing ends does not re-download them.
+            self.published = ManifestWriter(published_path)
+            stack.callback(self.published.close)
+            self.pipeline = stack.enter_context(
+                PostPipeline(self.fetcher.post, self.dest, processes=self.fetcher.processes))
         return manifest
 
     def _close_sink(self) -> None:

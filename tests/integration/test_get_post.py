@@ -81,3 +81,18 @@ def test_fetcher_process_command(tmp_path: Path) -> None:
     assert json.loads(res.stdout)["ok"] == 3
     made = list((out / ".fetcher" / "derived").rglob("*.jpg"))
     assert len(made) == 3
+
+
+def test_post_and_sink_together_lose_no_record(server: TestServer, dest: Path,
+                                               tmp_path: Path) -> None:
+    import sqlite3
+
+    urls = [server.add(f"/s/{i}.jpg", _jpeg((300, 200), (i, i, i)), content_type="image/jpeg")
+            for i in range(20)]
+    db = tmp_path / "imgs.db"
+    report = fetch(urls, dest, post=["thumbnail:64"], processes=2, sink=f"sqlite:///{db}")
+    assert report.ok, (report.stopped, report.failures)
+    con = sqlite3.connect(db)
+    rows = con.execute("select url, outputs from downloads").fetchall()
+    con.close()
+    assert len(rows) == 20 and all(json.loads(out) for _, out in rows)
