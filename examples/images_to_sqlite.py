@@ -2,16 +2,15 @@
 one chain of library calls.
 
     report = fetch("images.csv", "out", threads=16,
-                   post=["thumbnail:128"], processes=None)      # one process per core
-    with ParallelWriter("sqlite:////abs/path/images.db", table="downloads", key="url") as w:
-        w.write_many(report.records())
+                   post=["thumbnail:128"], processes=None,      # one process per core
+                   sink="sqlite:////abs/path/images.db")        # table "downloads"
 
 downloads on 16 threads; as each file lands, a process pool makes its thumbnail under
-``out/.fetcher/derived/thumbnail/`` while the downloads go on; then every item's record
-(url, path, status, bytes, sha256, outputs, plus the list's own columns) goes into the
-``downloads`` table (upserted on ``url``, so writing the same records twice changes
-nothing). The script then queries the database and opens a thumbnail to
-check its size.
+``out/.fetcher/derived/thumbnail/`` while the downloads go on; as each item ends, its
+record (url, path, status, bytes, sha256, outputs, plus the list's own columns) streams
+into the ``downloads`` table through a ParallelWriter (upserted on ``url``, so running
+the script twice changes nothing). The script then queries the database and opens a
+thumbnail to check its size.
 
 No internet needed: it generates JPEGs, serves them from 127.0.0.1 (with 10 ms of
 latency per request, so downloading is I/O-bound as on a real network) and lists them
@@ -36,7 +35,7 @@ from pathlib import Path
 from _local_server import serve_directory
 from PIL import Image, ImageDraw
 
-from fetcher import ParallelWriter, fetch
+from fetcher import fetch
 
 
 def make_images(root: Path, count: int, size: int) -> list[str]:
@@ -84,19 +83,19 @@ def main() -> int:
                     writer.writerow([f"{base}/{rel}", ("cat", "dog", "bird")[i % 3]])
 
             t0 = time.perf_counter()
+            # sqlite:/// followed by an absolute path: four slashes in all.
             report = fetch(url_list, out / "files", threads=args.threads,
-                           post=["thumbnail:128"], processes=args.processes)
+                           post=["thumbnail:128"], processes=args.processes,
+                           sink=f"sqlite:///{db}")
             elapsed = time.perf_counter() - t0
 
     print(f"fetch(...): {report.counts} in {elapsed:.2f} s")
     if not report.ok:
+        print(f"  stopped: {report.stopped}" if report.stopped else "", file=sys.stderr)
         for failure in report.failures[:5]:
             print(f"  failed: {failure}", file=sys.stderr)
         return 1
-    # sqlite:/// followed by an absolute path: four slashes in all.
-    with ParallelWriter(f"sqlite:///{db}", table="downloads", key="url") as writer:
-        writer.write_many(report.records())
-    print(f"ParallelWriter: {writer.close().as_dict()['rows']} rows -> {db}")
+    print(f"sink: {report.sink['rows'] if report.sink else 0} rows -> {db}")
 
     with sqlite3.connect(db) as conn:
         (rows,) = conn.execute("SELECT count(*) FROM downloads WHERE status = 'ok'").fetchone()
