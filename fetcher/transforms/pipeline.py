@@ -13,6 +13,7 @@ local files, one ``Result`` per path, in input order.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import Future
@@ -69,11 +70,34 @@ class PostPipeline:
         n = usable_cpu_count() if processes is None else max(1, processes)
         if max_pending is None:
             max_pending = 2 * n
-        self._pool: TaskPool[str, list[str]] = TaskPool(
-            ChainTask(self.chain, self.dest), mode="thread" if processes == 0 else "process",
-            workers=n if processes != 0 else 1, max_pending=max_pending)
         self.processes = 0 if processes == 0 else n
         self.max_pending = max_pending
+        # Starting the forkserver and its workers takes ~0.3 s; it happens on a thread
+        # so that the downloads feeding this pipeline start at once (submit waits).
+        self._ready = threading.Event()
+        self._pool_obj: TaskPool[str, list[str]] | None = None
+        self._pool_error: BaseException | None = None
+
+        def start() -> None:
+            try:
+                self._pool_obj = TaskPool(
+                    ChainTask(self.chain, self.dest),
+                    mode="thread" if processes == 0 else "process",
+                    workers=n if processes != 0 else 1, max_pending=max_pending)
+            except BaseException as exc:
+                self._pool_error = exc
+            finally:
+                self._ready.set()
+
+        threading.Thread(target=start, name="fetcher-post-start", daemon=True).start()
+
+    @property
+    def _pool(self) -> TaskPool[str, list[str]]:
+        self._ready.wait()
+        if self._pool_error is not None:
+            raise self._pool_error
+        assert self._pool_obj is not None
+        return self._pool_obj
 
     def submit(self, rel_path: str | os.PathLike[str]) -> Future[list[str]]:
         """Queue one file; blocks while ``max_pending`` files are unfinished."""
