@@ -178,6 +178,8 @@ def _matplotlib(ps: list[Panel], target: Path, suptitle: str) -> None:
                        label=f"{p.cores} cores")
             ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
             top = max([y for s in p.series for y in s.y] + [1.0])
+            if p.ideal_capped:  # CPU-bound: show how far the ideal (the core count) is
+                top = max(top, max(ys))
             ax.set_ylim(0, top * 1.15)
         else:
             ax.set_xscale("log")
