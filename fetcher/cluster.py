@@ -742,26 +742,15 @@ class _ClusterRun(_Run):
         return _Batch(number, items, extras) if items else None
 
     # -- the run --------------------------------------------------------------------
-    def execute(self, jobs: Iterable[Job], total: int | None) -> Report:
-        started = time.monotonic()
-        self.progress.start(total, unit="file", desc="fetch")
+    def _run_items(self, jobs: Iterable[Job], total: int | None) -> None:
+        """Send the planned items to the cluster's workers in batches."""
         try:
-            with contextlib.ExitStack() as stack:
-                self.manifest = self._open(stack)
-                try:
-                    self._loop(iter(jobs), total)
-                except KeyboardInterrupt:
-                    self._interrupt()
-                    raise
-                finally:
-                    self._goodbye()
+            self._loop(iter(jobs), total)
+        except KeyboardInterrupt:
+            self._interrupt()
+            raise
         finally:
-            self._ended.set()
-            self.report.elapsed_s = time.monotonic() - started
-            self.report.interrupted = self.ctx.cancel.is_set()
-            self.report.stopped = self.ctx.stop_reason
-            self.progress.close()
-        return self.report
+            self._goodbye()
 
     def _loop(self, jobs: Iterator[Job], total: int | None) -> None:
         threads = _worker_threads(self.client)

@@ -249,17 +249,7 @@ class _Run:
         try:
             with contextlib.ExitStack() as stack:
                 self.manifest = self._open(stack)
-                pool = ThreadPoolExecutor(self.cfg.threads, thread_name_prefix="fetcher")
-                try:
-                    self._schedule(jobs, pool)
-                    self._drain(pool)
-                except KeyboardInterrupt:
-                    self._interrupt()
-                    self._drain(pool)
-                    raise
-                finally:
-                    for client in self._clients:
-                        client.close()
+                self._run_items(jobs, total)
         finally:
             self._ended.set()
             self.report.elapsed_s = time.monotonic() - started
@@ -267,6 +257,20 @@ class _Run:
             self.report.stopped = self.ctx.stop_reason
             self.progress.close()
         return self.report
+
+    def _run_items(self, jobs: Iterable[Job], total: int | None) -> None:
+        """Download every planned item on this machine's thread pool (cluster.py overrides)."""
+        pool = ThreadPoolExecutor(self.cfg.threads, thread_name_prefix="fetcher")
+        try:
+            self._schedule(jobs, pool)
+            self._drain(pool)
+        except KeyboardInterrupt:
+            self._interrupt()
+            self._drain(pool)
+            raise
+        finally:
+            for client in self._clients:
+                client.close()
 
     def _interrupt(self) -> None:
         self.ctx.cancel.set()
