@@ -8,7 +8,6 @@ import datetime as dt
 import decimal
 import gzip
 import json
-import sqlite3
 import threading
 import uuid
 from pathlib import Path
@@ -18,6 +17,7 @@ import pytest
 
 from fetcher.errors import ConfigError, SinkError
 from fetcher.writers import InputRowError, load_file
+from tests.dbutil import query
 
 PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
 
@@ -51,14 +51,6 @@ def write_csv(path: Path, header: list[str], rows: list[list[Any]], delimiter: s
         w = csv.writer(f, delimiter=delimiter)
         w.writerow(header)
         w.writerows(rows)
-
-
-def query(db: Path, sql: str) -> list[tuple[Any, ...]]:
-    conn = sqlite3.connect(db)
-    try:
-        return conn.execute(sql).fetchall()
-    finally:
-        conn.close()
 
 
 def test_csv_to_sqlite_types_progress_and_rerun(tmp_path: Path) -> None:

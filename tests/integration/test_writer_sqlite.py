@@ -14,6 +14,7 @@ import pytest
 
 from fetcher.errors import ConfigError, SinkError
 from fetcher.writers import MANIFEST_SCHEMA, ParallelWriter
+from tests.dbutil import query
 
 
 def records(n: int, start: int = 0) -> list[dict[str, Any]]:
@@ -22,14 +23,6 @@ def records(n: int, start: int = 0) -> list[dict[str, Any]]:
              "day": dt.date(2024, 1, 1) + dt.timedelta(days=i % 30),
              "tags": ["a", str(i)], "note": None if i % 3 else "x"}
             for i in range(start, start + n)]
-
-
-def query(db: Path, sql: str) -> list[tuple[Any, ...]]:
-    conn = sqlite3.connect(db)
-    try:
-        return conn.execute(sql).fetchall()
-    finally:
-        conn.close()
 
 
 def test_round_trip_types(tmp_path: Path) -> None:
