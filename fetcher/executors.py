@@ -457,7 +457,22 @@ class _Backend(Protocol):
 # --------------------------------------------------------------------------- backends
 
 
-class _SequentialBackend:
+class _InProcessFns:
+    """Function registry of the backends that run in this process (no pickling)."""
+
+    _fns: dict[int, Callable[[Any], Any]]
+    _ids: itertools.count[int]
+
+    def register(self, fn: Callable[[Any], Any], payload: bytes | None) -> int:
+        fid = next(self._ids)
+        self._fns[fid] = fn
+        return fid
+
+    def unregister(self, fid: int) -> None:
+        self._fns.pop(fid, None)
+
+
+class _SequentialBackend(_InProcessFns):
     """Runs each task inline, in the calling thread."""
 
     broken = False
@@ -467,14 +482,6 @@ class _SequentialBackend:
         self._fns: dict[int, Callable[[Any], Any]] = {}
         self._events: list[_Event] = []
         self._ids = itertools.count()
-
-    def register(self, fn: Callable[[Any], Any], payload: bytes | None) -> int:
-        fid = next(self._ids)
-        self._fns[fid] = fn
-        return fid
-
-    def unregister(self, fid: int) -> None:
-        self._fns.pop(fid, None)
 
     def idle(self) -> int:
         return 0 if self._events else 1
@@ -500,7 +507,7 @@ class _SequentialBackend:
     terminate = close
 
 
-class _ThreadBackend:
+class _ThreadBackend(_InProcessFns):
     """Daemon threads fed from a queue; completions come back through a condition.
 
     Daemon threads (not ``ThreadPoolExecutor``, whose threads are joined at exit) so
@@ -519,14 +526,6 @@ class _ThreadBackend:
         self._woken = False
         self._ids = itertools.count()
         self._threads: list[threading.Thread] = []
-
-    def register(self, fn: Callable[[Any], Any], payload: bytes | None) -> int:
-        fid = next(self._ids)
-        self._fns[fid] = fn
-        return fid
-
-    def unregister(self, fid: int) -> None:
-        self._fns.pop(fid, None)
 
     def idle(self) -> int:
         return self.workers - self._busy
