@@ -21,12 +21,19 @@ def _start(args: list[str], **kw: object) -> subprocess.Popen[str]:
                             **kw)  # type: ignore[call-overload]
 
 
-def _wait_for_partials(dest: Path, minimum: int = 1, limit: float = 10.0) -> None:
+def _wait_for_partials(dest: Path, minimum: int = 1, limit: float = 10.0,
+                       min_bytes: int = 70_000) -> None:
+    """Wait until ``minimum`` partials hold ``min_bytes`` or more (resumable data)."""
     deadline = time.monotonic() + limit
     part = dest / ".fetcher" / "partial"
     while time.monotonic() < deadline:
-        if part.is_dir() and sum(p.stat().st_size for p in part.glob("*.part")) > 0 and \
-                len(list(part.glob("*.part"))) >= minimum:
+        sizes = []
+        for p in part.glob("*.part") if part.is_dir() else ():
+            try:
+                sizes.append(p.stat().st_size)
+            except FileNotFoundError:  # published between glob and stat
+                continue
+        if sum(1 for n in sizes if n >= min_bytes) >= minimum:
             return
         time.sleep(0.02)
     raise AssertionError("no download started")
