@@ -36,7 +36,7 @@ from .errors import (
     TransportError,
     TruncatedError,
 )
-from .http import HttpClient, Response, host_of, raise_for_status, redact
+from .http import HttpClient, Prefetched, Response, host_of, raise_for_status, redact
 from .models import Result
 from .naming import safe_join
 from .segments import SplitDownload, plan, split_validator
@@ -90,6 +90,10 @@ class HostGate:
                 self._next[host] = start + self._interval
         if start > now and self._cancel.wait(start - now):
             raise CancelledError("cancelled while waiting for the host")
+
+    def paused(self, host: str) -> bool:
+        """Whether requests to ``host`` must wait (a Retry-After pause is running)."""
+        return bool(self._paused) and self._paused.get(host, 0.0) > time.monotonic()
 
     def pause(self, host: str, seconds: float) -> None:
         """Hold every thread's next request to ``host`` for ``seconds`` (Retry-After)."""
@@ -211,8 +215,13 @@ Retarget = Callable[[str | None], str]
 
 
 def download_one(ctx: RunContext, client: HttpClient, url: str, rel: str,
-                 expected_sha: str | None, retarget: Retarget | None = None) -> Result:
-    """Download ``url`` to ``DEST/rel``. Never raises for per-item failures."""
+                 expected_sha: str | None, retarget: Retarget | None = None, *,
+                 first: Prefetched | ItemError | None = None) -> Result:
+    """Download ``url`` to ``DEST/rel``. Never raises for per-item failures.
+
+    ``first`` is what ``multiplex.py`` got from attempt 1 before handing the item over:
+    the open response (hop 0) to carry on with, or the error that attempt ended with.
+    """
     cfg = ctx.config
     shown = redact(url)
     result = Result(url=shown, path=rel, status="failed")
@@ -226,17 +235,21 @@ def download_one(ctx: RunContext, client: HttpClient, url: str, rel: str,
     last: ItemError | None = None
     while result.attempts <= cfg.retries:
         if ctx.cancel.is_set():
+            if isinstance(first, Prefetched):
+                first.conn.close()
             last = CancelledError(f"cancelled: {shown}", url=shown)
             break
         result.attempts += 1
+        pending, first = first, None
         try:
+            if isinstance(pending, ItemError):
+                raise pending
             got = _attempt(ctx, client, url, shown, host, part, meta, rel, retarget,
-                           maybe_partial or result.attempts > 1)
+                           maybe_partial or result.attempts > 1, pending)
             size, digest, rel = got.size, got.sha256, got.rel
             result.path = rel
             if expected_sha and digest != expected_sha:
                 _remove(part, meta)
-                mismatches += 1
                 raise ChecksumError(url=shown, expected=expected_sha, actual=digest)
             _publish(ctx, part, meta, rel, shown, got.sidecar)
             result.status, result.bytes, result.sha256 = "ok", size, digest
@@ -250,6 +263,8 @@ def download_one(ctx: RunContext, client: HttpClient, url: str, rel: str,
             return result
         except ItemError as exc:
             last = exc
+            if isinstance(exc, ChecksumError):
+                mismatches += 1
             if isinstance(exc, HTTPStatusError):
                 result.http_status = exc.status
                 if exc.retry_after is not None and exc.status in (429, 503):
@@ -285,7 +300,7 @@ class _Transfer:
 
 def _attempt(ctx: RunContext, client: HttpClient, url: str, shown: str, host: str,
              part: str, meta: str, rel: str, retarget: Retarget | None,
-             maybe_partial: bool) -> _Transfer:
+             maybe_partial: bool, first: Prefetched | None = None) -> _Transfer:
     """One GET: resume if possible, stream, verify length."""
     cfg = ctx.config
     offset, validator = 0, ""
@@ -301,7 +316,10 @@ def _attempt(ctx: RunContext, client: HttpClient, url: str, shown: str, host: st
         headers["Range"] = f"bytes={offset}-"
         headers["If-Range"] = validator
     with ctx.gate.slot(host):
-        resp = client.get(url, headers)
+        if first is not None and offset:  # cannot happen today: the loop never resumes
+            first.conn.close()
+            first = None
+        resp = client.get(url, headers, first=first)
         ctx.track(resp, add=True)
         try:
             if resp.status == 416 and offset:
@@ -474,10 +492,17 @@ def _content_range(resp: Response) -> tuple[int, int | None]:
                              url=redact(resp.url)) from exc
 
 
-def _check_type(resp: Response, pattern: str, shown: str) -> None:
-    got = (resp.headers.get("Content-Type") or "").split(";")[0].strip().lower()
+def type_matches(content_type: str | None, pattern: str) -> bool:
+    """Whether a Content-Type value matches ``--expect-type`` (comma-separated globs)."""
+    got = (content_type or "").split(";")[0].strip().lower()
     wanted = [p.strip().lower() for p in pattern.split(",") if p.strip()]
-    if not any(fnmatch.fnmatchcase(got, p) for p in wanted):
+    return any(fnmatch.fnmatchcase(got, p) for p in wanted)
+
+
+def _check_type(resp: Response, pattern: str, shown: str) -> None:
+    value = resp.headers.get("Content-Type")
+    if not type_matches(value, pattern):
+        got = (value or "").split(";")[0].strip().lower()
         raise ContentTypeError(url=shown, got=got, expected=pattern)
 
 

@@ -30,9 +30,10 @@ from .errors import (
     TargetExistsError,
     UnsafePathError,
 )
-from .http import HttpClient, config_from_session, redact
+from .http import HttpClient, Prefetched, config_from_session, redact
 from .manifest import MANIFEST_NAME, PUBLISHED_NAME, CompletedIndex, ManifestWriter
 from .models import Job, Report, Result
+from .multiplex import Multiplexer, capacity_of, loop_eligible
 from .naming import (
     NameAllocator,
     filename_from_content_disposition,
@@ -183,6 +184,8 @@ class _Run:
         self._local = threading.local()
         self._clients: list[HttpClient] = []
         self._window = threading.BoundedSemaphore(cfg.in_flight)
+        self._slot_done: Callable[[], None] = self._window.release
+        self._looped = False
         self.pipeline: Any = None
         self.writer: Any = None
         self._sink_failed = False
@@ -259,10 +262,17 @@ class _Run:
         return self.report
 
     def _run_items(self, jobs: Iterable[Job], total: int | None) -> None:
-        """Download every planned item on this machine's thread pool (cluster.py overrides)."""
+        """Download every planned item on this machine (cluster.py overrides).
+
+        Runs the selector loop of ``multiplex.py`` with the thread pool behind it for
+        what the loop hands over, or the thread pool alone when options need it.
+        """
         pool = ThreadPoolExecutor(self.cfg.threads, thread_name_prefix="fetcher")
         try:
-            self._schedule(jobs, pool)
+            if loop_eligible(self.cfg):
+                self._multiplex(jobs, pool)
+            else:
+                self._schedule(jobs, pool)
             self._drain(pool)
         except KeyboardInterrupt:
             self._interrupt()
@@ -299,6 +309,53 @@ class _Run:
                 if cancel.is_set():
                     return
             pool.submit(self._work, job, item)
+
+    def _multiplex(self, jobs: Iterable[Job], pool: ThreadPoolExecutor) -> None:
+        cap = capacity_of(self.cfg)
+        lock = threading.Lock()
+        handed = [0]
+
+        def capacity() -> int:
+            return cap - handed[0]
+
+        def done(result: Result, job: Job) -> None:
+            result.extra = job.extra
+            self._finish(result)
+
+        def handoff(job: Job, rel: str, first: Any) -> None:
+            with lock:
+                handed[0] += 1
+            pool.submit(self._work, job, rel, first)
+
+        def slot_done() -> None:
+            with lock:
+                handed[0] -= 1
+            loop.wake()
+
+        loop = Multiplexer(self.ctx, capacity=capacity, done=done, handoff=handoff)
+        self._slot_done, self._looped = slot_done, True
+        watcher = threading.Thread(target=self._watch_cancel, daemon=True)
+        watcher.start()
+        loop.run(self._planned(jobs))
+
+    def _planned(self, jobs: Iterable[Job]) -> Iterator[tuple[Job, str]]:
+        """Items that need a transfer, with --on-exists applied (for the loop)."""
+        for job in jobs:
+            rel = self._plan(job)
+            if rel is None:
+                continue
+            shown = redact(job.url)
+            try:
+                rel = self._resolve_existing(rel, owned=self.index.size(shown, rel) is not None)
+            except SkipExisting:
+                self._finish(Result(url=shown, path=rel, status="skipped", extra=job.extra,
+                                    bytes=_file_size(self.dest / rel) or 0))
+                continue
+            except ItemError as exc:
+                self._finish(Result(url=shown, path=rel, status="failed", extra=job.extra)
+                             .fail(exc))
+                continue
+            yield job, rel
 
     def _watch_cancel(self) -> None:
         """Abort in-flight transfers as soon as someone sets ``cancel`` (the CLI's Ctrl-C)."""
@@ -356,37 +413,42 @@ class _Run:
                 self.ctx.clients.append(client)
         return client
 
-    def _work(self, job: Job, rel: str) -> None:
+    def _work(self, job: Job, rel: str, first: Prefetched | ItemError | None = None) -> None:
         shown = redact(job.url)
         try:
-            if self.ctx.cancel.is_set() or self.ctx.stop_new.is_set():
+            if self.ctx.cancel.is_set() or (self.ctx.stop_new.is_set() and first is None):
+                if isinstance(first, Prefetched):
+                    first.conn.close()
                 why = self.ctx.stop_reason or "interrupted"
                 result = Result(url=shown, path=rel, status="failed").fail(
                     CancelledError(f"not started ({why}): {shown}", url=shown))
             else:
-                result = self._download(job, rel)
+                result = self._download(job, rel, first)
             result.extra = job.extra
             self._finish(result)
         except BaseException as exc:
             self._finish(Result(url=shown, path=rel, status="failed", extra=job.extra)
                          .fail(exc))
         finally:
-            self._window.release()
+            self._slot_done()
 
-    def _download(self, job: Job, rel: str) -> Result:
+    def _download(self, job: Job, rel: str,
+                  first: Prefetched | ItemError | None = None) -> Result:
         shown = redact(job.url)
-        owned = self.index.size(shown, rel) is not None
-        try:
-            rel = self._resolve_existing(rel, owned=owned)
-        except SkipExisting:
-            return Result(url=shown, path=rel, status="skipped", bytes=_file_size(
-                self.dest / rel) or 0)
-        except ItemError as exc:
-            return Result(url=shown, path=rel, status="failed").fail(exc)
+        if not self._looped:  # the loop applied --on-exists already
+            owned = self.index.size(shown, rel) is not None
+            try:
+                rel = self._resolve_existing(rel, owned=owned)
+            except SkipExisting:
+                return Result(url=shown, path=rel, status="skipped", bytes=_file_size(
+                    self.dest / rel) or 0)
+            except ItemError as exc:
+                return Result(url=shown, path=rel, status="failed").fail(exc)
         retarget = None
         if self.cfg.content_disposition and not job.path:
             retarget = self._retarget(job.url, rel)
-        return download_one(self.ctx, self._client(), job.url, rel, job.sha256, retarget)
+        return download_one(self.ctx, self._client(), job.url, rel, job.sha256, retarget,
+                            first=first)
 
     def _resolve_existing(self, rel: str, *, owned: bool) -> str:
         """Apply --on-exists to a file already at ``rel`` that this URL does not own."""

@@ -20,6 +20,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, unquote, urljoin, urlsplit, urlunsplit
 
@@ -163,6 +164,68 @@ _DEFAULT_PORTS = {"http": 80, "https": 443}
 _URI_SAFE = "!#$%&'()*+,/:;=?@[]~"
 
 
+Origin = tuple[str, str, int]
+"""(scheme, host, port): the key of a keep-alive connection."""
+
+
+@dataclass(slots=True)
+class Prefetched:
+    """Hop 0 of a GET whose head another loop sent and read; the connection stays open."""
+
+    conn: Connection
+    key: Origin
+    status: int
+    headers: Headers
+    http11: bool
+
+
+def request_head(url: str, headers: Mapping[str, str]) -> tuple[Origin, bytes]:
+    """The origin and the bytes of ``GET url`` with ``headers`` (no credentials in url).
+
+    Plain ASCII URLs take a split-based path that costs a fraction of ``urlsplit``; the
+    rest (userinfo, IPv6, fragments, non-ASCII, spaces) the general one.
+    """
+    fields = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    if url.isascii() and "@" not in url and "[" not in url and " " not in url \
+            and "#" not in url:
+        scheme, _, rest = url.partition("://")
+        netloc, slash, path = rest.partition("/")
+        scheme = scheme.lower()
+        if "?" not in netloc and scheme in _DEFAULT_PORTS and netloc:
+            host, _, port_text = netloc.partition(":")
+            if not port_text:
+                port = _DEFAULT_PORTS[scheme]
+            elif port_text.isdigit() and 0 < int(port_text) < 65536:
+                port = int(port_text)
+            else:
+                raise TransportError(f"bad port in {redact(url)}", url=url)
+            target = slash + path if slash else "/"
+            head = f"GET {target} HTTP/1.1\r\nHost: {netloc}\r\n{fields}\r\n"
+            return (scheme, host.lower(), port), head.encode("latin-1")
+    scheme = url.partition(":")[0].lower()
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    try:
+        port = parts.port or _DEFAULT_PORTS[scheme]
+    except ValueError as exc:
+        raise TransportError(f"bad port in {redact(url)}", url=url) from exc
+    target = parts.path or "/"
+    if parts.query:
+        target += "?" + parts.query
+    if not target.isascii() or " " in target:
+        target = quote(target, safe=_URI_SAFE)  # as requests does: UTF-8, %-escaped
+    netloc = parts.netloc.rpartition("@")[2]
+    if not netloc.isascii():
+        try:
+            host = host.encode("idna").decode("ascii")
+            netloc = host if parts.port is None else f"{host}:{parts.port}"
+        except UnicodeError as exc:
+            raise TransportError(f"{redact(url)}: host is not a valid IDNA name",
+                                 url=url) from exc
+    head = f"GET {target} HTTP/1.1\r\nHost: {netloc}\r\n{fields}\r\n"
+    return (scheme, host, port), head.encode("latin-1")
+
+
 class HttpClient:
     """An HTTP client for one worker thread (not thread-safe by design).
 
@@ -184,9 +247,11 @@ class HttpClient:
 
             self._proxied = proxy_managers(config)
 
-    def get(self, url: str, headers: Mapping[str, str] | None = None) -> Response:
+    def get(self, url: str, headers: Mapping[str, str] | None = None, *,
+            first: Prefetched | None = None) -> Response:
         """GET ``url`` following redirects; returns the final response, status unchecked.
 
+        ``first`` is hop 0's response when another loop already sent that request.
         Raises ``TransportError`` (connect/TLS/timeout) and ``RedirectError``.
         """
         origin_host = host_of(url)
@@ -207,7 +272,10 @@ class HttpClient:
                 hdrs.pop("Cookie", None)
             elif auth_header:
                 hdrs["Authorization"] = auth_header
-            resp = self._request(current, hdrs)
+            if first is not None:
+                resp, first = self._adopt(first, url), None
+            else:
+                resp = self._request(current, hdrs)
             location = resp.headers.get("Location")
             if resp.status not in REDIRECT_STATUSES or not location:
                 return resp
@@ -237,6 +305,14 @@ class HttpClient:
             return _basic(f"{user}:{password}")
         return None
 
+    def prepare(self, url: str) -> tuple[Origin, bytes]:
+        """The origin and request head of hop 0 of ``get(url)`` (for ``multiplex.py``)."""
+        hdrs = dict(self._base_headers)
+        auth_header = self._auth_header(url)
+        if auth_header:
+            hdrs["Authorization"] = auth_header
+        return request_head(_strip_userinfo(url), hdrs)
+
     def _request(self, url: str, headers: dict[str, str]) -> Response:
         scheme = url.partition(":")[0].lower()
         proxy = self._proxied.get(scheme)
@@ -244,29 +320,8 @@ class HttpClient:
             from .proxied import request_proxied
 
             return request_proxied(proxy, url, headers, timeout=self.config.timeout)
-        parts = urlsplit(url)
-        host = parts.hostname or ""
-        try:
-            port = parts.port or _DEFAULT_PORTS[scheme]
-        except ValueError as exc:
-            raise TransportError(f"bad port in {redact(url)}", url=url) from exc
-        target = parts.path or "/"
-        if parts.query:
-            target += "?" + parts.query
-        if not target.isascii() or " " in target:
-            target = quote(target, safe=_URI_SAFE)  # as requests does: UTF-8, %-escaped
-        netloc = parts.netloc.rpartition("@")[2]
-        if not netloc.isascii():
-            try:
-                host = host.encode("idna").decode("ascii")
-                netloc = host if parts.port is None else f"{host}:{parts.port}"
-            except UnicodeError as exc:
-                raise TransportError(f"{redact(url)}: host is not a valid IDNA name",
-                                     url=url) from exc
-        lines = [f"GET {target} HTTP/1.1", f"Host: {netloc}"]
-        lines.extend(f"{k}: {v}" for k, v in headers.items())
-        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-        key = (scheme, host, port)
+        key, head = request_head(url, headers)
+        scheme, host, port = key
         for _try in range(2):
             conn = self._idle.pop(key, None)
             try:
@@ -294,6 +349,14 @@ class HttpClient:
                 self._set_inflight(None)
             return _WireResponse(self, key, status, resp_headers, body, url)
         raise TransportError(f"request failed for {redact(url)}: connection closed", url=url)
+
+    def _adopt(self, pre: Prefetched, url: str) -> Response:
+        try:
+            body = Body(pre.conn, pre.status, pre.headers, http11=pre.http11)
+        except WireError as exc:
+            pre.conn.close()
+            raise TransportError(f"request failed for {redact(url)}: {exc}", url=url) from exc
+        return _WireResponse(self, pre.key, pre.status, pre.headers, body, url)
 
     def _set_inflight(self, sock: socket.socket | None) -> None:
         self._inflight = sock

@@ -139,6 +139,15 @@ class Connection:
         self.buf = bytearray()
         self.requests = 0
 
+    @classmethod
+    def adopt(cls, sock: socket.socket, host: str, buf: bytearray, requests: int,
+              timeout: float) -> Connection:
+        """Wrap a socket another loop connected (and used ``requests`` times)."""
+        sock.settimeout(timeout)
+        conn = cls.__new__(cls)
+        conn.host, conn.sock, conn.buf, conn.requests = host, sock, buf, requests
+        return conn
+
     def request(self, head: bytes) -> tuple[int, Headers, bool]:
         """Send a request head; read the response head. Returns (status, headers, 1.1?)."""
         reused = self.requests > 0
@@ -174,27 +183,33 @@ class Connection:
             buf += data
         if end > MAX_HEAD:
             raise WireError("protocol", "response head larger than 64 KiB")
-        lines = bytes(buf[:end]).decode("latin-1").split("\r\n")
+        head = bytes(buf[:end])
         del buf[: end + 4]
-        version, _, rest = lines[0].partition(" ")
-        code = rest[:3]
-        if not version.startswith("HTTP/1.") or not code.isdigit():
-            raise WireError("protocol", f"not an HTTP/1.x status line: {lines[0][:80]!r}")
-        headers = Headers()
-        for line in lines[1:]:
-            name, sep, value = line.partition(":")
-            if not sep:
-                continue
-            key = name.strip().lower()
-            value = value.strip()
-            old = dict.get(headers, key)
-            dict.__setitem__(headers, key, value if old is None else f"{old}, {value}")
-        return int(code), headers, version == "HTTP/1.1"
+        return parse_head(head)
 
     def close(self) -> None:
         """Close the socket (never raises)."""
         with contextlib.suppress(OSError):
             self.sock.close()
+
+
+def parse_head(head: bytes) -> tuple[int, Headers, bool]:
+    """Status, headers and HTTP/1.1-ness of a response head (without its final CRLFCRLF)."""
+    lines = head.decode("latin-1").split("\r\n")
+    version, _, rest = lines[0].partition(" ")
+    code = rest[:3]
+    if not version.startswith("HTTP/1.") or not code.isdigit():
+        raise WireError("protocol", f"not an HTTP/1.x status line: {lines[0][:80]!r}")
+    headers = Headers()
+    for line in lines[1:]:
+        name, sep, value = line.partition(":")
+        if not sep:
+            continue
+        key = name.strip().lower()
+        value = value.strip()
+        old = dict.get(headers, key)
+        dict.__setitem__(headers, key, value if old is None else f"{old}, {value}")
+    return int(code), headers, version == "HTTP/1.1"
 
 
 class Body:

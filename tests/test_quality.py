@@ -10,11 +10,15 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+# The venv's own ruff even when the venv is not activated (pytest run by full path).
+_BESIDE = Path(sys.executable).parent / "ruff"
+RUFF = str(_BESIDE) if _BESIDE.exists() else shutil.which("ruff")
 
 
-@pytest.mark.skipif(shutil.which("ruff") is None, reason="ruff not installed")
+@pytest.mark.skipif(RUFF is None, reason="ruff not installed")
 def test_ruff_clean() -> None:
-    proc = subprocess.run(["ruff", "check", "--output-format", "concise", "fetcher", "tests",
+    assert RUFF is not None
+    proc = subprocess.run([RUFF, "check", "--output-format", "concise", "fetcher", "tests",
                            "examples", "bench"], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -45,25 +43,6 @@ def test_connection_refused_is_a_transport_error(dest: Path) -> None:
     result = report.results[0]
     assert result.error_type == "TransportError" and "127.0.0.1:9" in (result.error or "")
     assert result.attempts == 2
-
-
-@pytest.fixture(scope="module")
-def cert(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
-    d = tmp_path_factory.mktemp("tls")
-    key, crt = d / "key.pem", d / "cert.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
-         "-out", str(crt), "-days", "1", "-subj", "/CN=127.0.0.1",
-         "-addext", "subjectAltName=IP:127.0.0.1"],
-        check=True, capture_output=True)
-    return str(crt), str(key)
-
-
-@pytest.fixture
-def tls_server(cert: tuple[str, str]) -> Iterator[TestServer]:
-    srv = TestServer(tls=cert).start()
-    yield srv
-    srv.stop()
 
 
 def test_https_with_a_ca_bundle(tls_server: TestServer, dest: Path,

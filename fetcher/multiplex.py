@@ -1,0 +1,548 @@
+"""Many small downloads on one thread: keep-alive connections multiplexed by a selector.
+
+Why not only threads: with 16 threads each small file costs GIL hand-offs, futex
+wake-ups and context switches on top of its own work, and on 2 cores that, not the
+network, is what limits a Python downloader (about 600 us of CPU per 10 KiB file
+with threads against about 60 us here; see ARCHITECTURE.md). This loop runs the
+common case end to end: GET, ``200`` with a Content-Length of at most
+``LOOP_BODY_MAX``, body read into one buffer, SHA-256, written to the partial file,
+``os.replace`` to its name.
+
+Everything else goes to the thread pool with what the loop already has, so the one
+policy in ``download.download_one`` decides and nothing is requested twice:
+
+* redirects, error statuses, chunked or large bodies, Content-Disposition names,
+  an unexpected Content-Type: the open connection and its parsed response head
+  (``http.Prefetched``), which ``HttpClient.get`` carries on from;
+* a failed first attempt (connect error, timeout, truncation, checksum, disk):
+  the error, which download_one treats as attempt 1 (backoff, retry, stop on a
+  full disk);
+* items with a resumable partial file, or whose host asked for a pause
+  (Retry-After): nothing, they start on a thread.
+
+Bodies up to ``LOOP_BODY_MAX`` (64 KiB) are held in memory; like ``download.py``,
+which gives bodies that small no resume sidecar, the loop re-fetches them whole after
+a failure, so resume behaves the same on both paths.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import os
+import selectors
+import socket
+import ssl
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from .config import FetchConfig
+from .download import (
+    RESUME_MIN_BYTES,
+    RunContext,
+    _publish,
+    _storage_error,
+    partial_name,
+    type_matches,
+)
+from .errors import (
+    CancelledError,
+    ChecksumError,
+    ItemError,
+    TransportError,
+    TruncatedError,
+)
+from .http import HttpClient, Origin, Prefetched, host_of, redact
+from .models import Job, Result
+from .wire import MAX_HEAD, Connection, Headers, WireError, parse_head, tls_context
+
+LOOP_BODY_MAX = RESUME_MIN_BYTES
+"""Largest body the loop keeps in memory. Larger ones stream on a thread to a partial
+file with a resume sidecar, so an interrupted transfer of one resumes."""
+_HEAD_RECV = 64 * 1024
+_TICK = 0.1
+"""Longest select wait: how soon a cancel or a timeout is noticed."""
+
+# Connection states.
+_CONNECTING, _HANDSHAKE, _SENDING, _HEAD, _BODY, _IDLE = range(6)
+_READ, _WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
+_WOULD_BLOCK = (BlockingIOError, InterruptedError, ssl.SSLWantReadError,
+                ssl.SSLWantWriteError)
+
+Handoff = Callable[[Job, str, Prefetched | ItemError | None], None]
+
+
+def loop_eligible(config: FetchConfig) -> bool:
+    """Whether a run can use the loop: options it does not implement keep threads."""
+    return (not config.proxies and config.rate is None
+            and (config.per_host is None or config.per_host >= config.threads))
+
+
+class _Item:
+    __slots__ = ("job", "part", "rel", "shown", "started")
+
+    def __init__(self, job: Job, rel: str, part: str) -> None:
+        self.job, self.rel, self.part = job, rel, part
+        self.shown = job.url if "@" not in job.url else redact(job.url)
+        self.started = time.monotonic()
+
+
+class _Conn:
+    __slots__ = ("addrs", "body", "buf", "deadline", "events", "got", "head", "headers",
+                 "http11", "item", "key", "need", "requests", "sock", "state", "status")
+
+    def __init__(self, key: Origin, sock: socket.socket,
+                 addrs: list[tuple[Any, ...]]) -> None:
+        self.key, self.sock, self.addrs = key, sock, addrs
+        self.state = _CONNECTING
+        self.events = 0
+        self.buf = bytearray()
+        self.body: bytearray | None = None
+        self.got = self.need = self.requests = self.status = 0
+        self.headers: Headers | None = None
+        self.http11 = True
+        self.item: _Item | None = None
+        self.head = b""
+        self.deadline = 0.0
+
+
+class Multiplexer:
+    """Runs items on up to ``capacity`` connections from one thread (see module doc)."""
+
+    def __init__(self, ctx: RunContext, *, capacity: Callable[[], int],
+                 done: Callable[[Result, Job], None], handoff: Handoff) -> None:
+        self.ctx = ctx
+        self.cfg = ctx.config
+        self._capacity = capacity
+        self._done = done
+        self._handoff = handoff
+        self._heads = HttpClient(self.cfg)  # builds request heads; never connects
+        self._sel = selectors.DefaultSelector()
+        self._idle: dict[Origin, list[_Conn]] = {}
+        self._active: set[_Conn] = set()
+        self._n_idle = 0
+        self._addrs: dict[tuple[str, int], list[tuple[Any, ...]]] = {}
+        self._tls: ssl.SSLContext | None = None
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._sel.register(self._wake_r, _READ, None)
+
+    # -- public ----------------------------------------------------------------------
+    def wake(self) -> None:
+        """Called from other threads when capacity frees up (a handed-off item ended)."""
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"x")
+
+    @property
+    def active(self) -> int:
+        return len(self._active)
+
+    def run(self, items: Iterator[tuple[Job, str]]) -> None:
+        """Download every item; returns when all are done or handed off."""
+        ctx, sel = self.ctx, self._sel
+        cancel, stop_new = ctx.cancel, ctx.stop_new
+        exhausted = False
+        next_sweep = time.monotonic() + _TICK
+        try:
+            while True:
+                while not exhausted and len(self._active) < self._capacity():
+                    if cancel.is_set() or stop_new.is_set():
+                        exhausted = True
+                        break
+                    item = next(items, None)
+                    if item is None:
+                        exhausted = True
+                        break
+                    self._begin(*item)
+                if cancel.is_set():
+                    break
+                if exhausted and not self._active:
+                    return
+                for key, mask in sel.select(_TICK):
+                    conn = key.data
+                    if conn is None:
+                        with contextlib.suppress(OSError):
+                            self._wake_r.recv(4096)
+                    else:
+                        self._step(conn, mask)
+                now = time.monotonic()
+                if now >= next_sweep:
+                    next_sweep = now + _TICK
+                    self._sweep(now)
+            self._cancel_active()
+        except BaseException:
+            cancel.set()
+            self._cancel_active()
+            raise
+        finally:
+            self._close_all()
+
+    # -- starting an item ------------------------------------------------------------
+    def _begin(self, job: Job, rel: str) -> None:
+        url = job.url
+        if partial_name(url, rel) in self.ctx.partials or self.ctx.gate.paused(host_of(url)):
+            self._handoff(job, rel, None)  # resume or wait: thread work
+            return
+        item = _Item(job, rel, os.path.join(self.ctx.partial_str, partial_name(url, rel)))
+        try:
+            key, head = self._heads.prepare(url)
+        except ItemError as exc:
+            self._handoff(job, rel, exc)
+            return
+        conns = self._idle.get(key)
+        if conns:
+            conn = conns.pop()
+            self._n_idle -= 1
+        else:
+            try:
+                conn = self._open(key, item)
+            except ItemError as exc:
+                self._handoff(job, rel, exc)
+                return
+        conn.item, conn.head = item, head
+        self._active.add(conn)
+        if conn.state == _IDLE:
+            self._send(conn)
+
+    def _open(self, key: Origin, item: _Item) -> _Conn:
+        while self._n_idle and len(self._active) + self._n_idle >= self._capacity():
+            self._drop_idle()  # another origin's spare connection makes room
+        _, host, port = key
+        addrs = self._addrs.get((host, port))
+        if addrs is None:
+            try:
+                infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            except OSError as exc:
+                raise TransportError(f"request failed for {item.shown}: cannot resolve "
+                                     f"{host}: {exc}", url=item.shown) from exc
+            addrs = self._addrs[(host, port)] = [(*i[:3], i[4]) for i in infos]
+        conn = _Conn(key, socket.socket(*addrs[0][:3]), list(addrs))
+        self._connect(conn)
+        return conn
+
+    def _connect(self, conn: _Conn) -> None:
+        address = conn.addrs[0][3]
+        sock = conn.sock
+        sock.setblocking(False)
+        err = sock.connect_ex(address)
+        conn.deadline = time.monotonic() + self.cfg.timeout
+        if err not in (0, errno.EINPROGRESS, errno.EALREADY, errno.EWOULDBLOCK):
+            raise TransportError(
+                f"request failed for {conn.item.shown if conn.item else conn.key[1]}: "
+                f"connect: {os.strerror(err)}", url=conn.key[1])
+        self._watch(conn, _WRITE)
+
+    def _send(self, conn: _Conn) -> None:
+        conn.state = _SENDING
+        conn.requests += 1
+        conn.deadline = time.monotonic() + self.cfg.timeout
+        try:
+            n = conn.sock.send(conn.head)
+        except _WOULD_BLOCK:
+            n = 0
+        except OSError as exc:
+            self._fail(conn, exc)
+            return
+        conn.head = conn.head[n:]
+        if conn.head:
+            self._watch(conn, _WRITE)
+            return
+        conn.state = _HEAD
+        self._watch(conn, _READ)
+
+    # -- events ----------------------------------------------------------------------
+    def _watch(self, conn: _Conn, events: int) -> None:
+        if conn.events == events:
+            return
+        if conn.events:
+            self._sel.modify(conn.sock, events, conn)
+        else:
+            self._sel.register(conn.sock, events, conn)
+        conn.events = events
+
+    def _step(self, conn: _Conn, mask: int) -> None:
+        state = conn.state
+        try:
+            if state == _BODY:
+                self._read_body(conn)
+            elif state == _HEAD:
+                self._read_head(conn)
+            elif state == _SENDING:
+                self._send_rest(conn)
+            elif state == _CONNECTING:
+                self._connected(conn)
+            elif state == _HANDSHAKE:
+                self._handshake(conn)
+            else:  # an idle connection became readable: the server closed it
+                self._discard(conn)
+        except _WOULD_BLOCK:
+            pass
+        except (OSError, WireError) as exc:
+            self._fail(conn, exc)
+
+    def _connected(self, conn: _Conn) -> None:
+        err = conn.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            conn.addrs.pop(0)
+            if conn.addrs:  # e.g. ::1 refused, 127.0.0.1 listening
+                self._unwatch(conn)
+                conn.sock.close()
+                conn.sock = socket.socket(*conn.addrs[0][:3])
+                self._connect(conn)
+                return
+            raise OSError(err, f"connect: {os.strerror(err)}")
+        self._addrs[(conn.key[1], conn.key[2])] = [conn.addrs[0]]
+        conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if conn.key[0] == "https":
+            if self._tls is None:
+                self._tls = tls_context(self.cfg.verify, self.cfg.cert)
+            self._unwatch(conn)  # the SSL socket replaces the plain one in the selector
+            conn.sock = self._tls.wrap_socket(conn.sock, server_hostname=conn.key[1],
+                                              do_handshake_on_connect=False)
+            conn.state = _HANDSHAKE
+            self._handshake(conn)
+            return
+        self._send(conn)
+
+    def _handshake(self, conn: _Conn) -> None:
+        sock = conn.sock
+        assert isinstance(sock, ssl.SSLSocket)
+        try:
+            sock.do_handshake()
+        except ssl.SSLWantReadError:
+            self._watch(conn, _READ)
+            return
+        except ssl.SSLWantWriteError:
+            self._watch(conn, _WRITE)
+            return
+        self._send(conn)
+
+    def _send_rest(self, conn: _Conn) -> None:
+        n = conn.sock.send(conn.head)
+        conn.head = conn.head[n:]
+        if not conn.head:
+            conn.state = _HEAD
+            self._watch(conn, _READ)
+
+    def _read_head(self, conn: _Conn) -> None:
+        data = conn.sock.recv(_HEAD_RECV)
+        if not data:
+            if conn.requests > 1 and not conn.buf and conn.item is not None:
+                self._retry_stale(conn)
+                return
+            raise WireError("closed", "connection closed before the response head")
+        buf = conn.buf
+        buf += data
+        while True:
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                if len(buf) > MAX_HEAD:
+                    raise WireError("protocol", "response head larger than 64 KiB")
+                self._more_tls(conn)
+                return
+            if end > MAX_HEAD:
+                raise WireError("protocol", "response head larger than 64 KiB")
+            status, headers, http11 = parse_head(bytes(buf[:end]))
+            del buf[: end + 4]
+            if status >= 200 or status == 101:
+                break  # 1xx interim responses are skipped
+        conn.status, conn.headers, conn.http11 = status, headers, http11
+        length = self._fast_length(conn, headers)
+        if length < 0:
+            self._pass_response(conn)
+            return
+        body = conn.body = bytearray(length)
+        take = min(len(buf), length)
+        body[:take] = buf[:take]
+        del buf[:take]
+        conn.got, conn.need = take, length
+        conn.state = _BODY
+        if take == length:
+            self._complete(conn)
+        else:
+            self._more_tls(conn)
+
+    def _fast_length(self, conn: _Conn, headers: Headers) -> int:
+        """The body length when the loop finishes this response itself, else -1."""
+        if conn.status != 200 or "transfer-encoding" in headers:
+            return -1
+        length = dict.get(headers, "content-length")
+        if length is None or not (length.isascii() and length.isdigit()) \
+                or int(length) > LOOP_BODY_MAX:
+            return -1
+        cfg = self.cfg
+        if cfg.content_disposition and "content-disposition" in headers:
+            return -1
+        if cfg.expect_type and not type_matches(dict.get(headers, "content-type"),
+                                                cfg.expect_type):
+            return -1
+        return int(length)
+
+    def _read_body(self, conn: _Conn) -> None:
+        body = conn.body
+        assert body is not None
+        n = conn.sock.recv_into(memoryview(body)[conn.got:], conn.need - conn.got)
+        if not n:
+            raise WireError("truncated", f"connection closed with {conn.need - conn.got} "
+                                         "bytes of the body missing")
+        conn.got += n
+        conn.deadline = time.monotonic() + self.cfg.timeout
+        if conn.got == conn.need:
+            self._complete(conn)
+        else:
+            self._more_tls(conn)
+
+    def _more_tls(self, conn: _Conn) -> None:
+        """Decrypted bytes an SSL socket holds never wake the selector: read them now."""
+        sock = conn.sock
+        if isinstance(sock, ssl.SSLSocket) and sock.pending():
+            self._step(conn, _READ)
+
+    # -- endings ---------------------------------------------------------------------
+    def _complete(self, conn: _Conn) -> None:
+        item, body = conn.item, conn.body
+        assert item is not None and body is not None
+        headers = conn.headers
+        assert headers is not None
+        conn.item = conn.body = conn.headers = None
+        self._active.discard(conn)
+        keep = (conn.http11 and "close" not in dict.get(headers, "connection", "").lower()
+                and not conn.buf)
+        if keep:
+            conn.state = _IDLE
+            self._idle.setdefault(conn.key, []).append(conn)
+            self._n_idle += 1
+        else:
+            self._discard(conn)
+        job, rel = item.job, item.rel
+        digest = hashlib.sha256(body).hexdigest()
+        if job.sha256 and digest != job.sha256:
+            self._handoff(job, rel, ChecksumError(url=item.shown, expected=job.sha256,
+                                                  actual=digest))
+            return
+        try:
+            fd = os.open(item.part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+            try:
+                view = memoryview(body)
+                while view:
+                    view = view[os.write(fd, view):]
+            finally:
+                os.close(fd)
+            _publish(self.ctx, item.part, "", rel, item.shown, False)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(item.part)
+            self._handoff(job, rel, _storage_error(exc, item.shown, item.part))
+            return
+        except ItemError as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(item.part)
+            self._handoff(job, rel, exc)
+            return
+        self._done(Result(url=item.shown, path=rel, status="ok", bytes=len(body),
+                          sha256=digest, http_status=200, attempts=1,
+                          elapsed_s=time.monotonic() - item.started), job)
+
+    def _pass_response(self, conn: _Conn) -> None:
+        """Hand the open response to a thread (see the module doc)."""
+        item, headers = conn.item, conn.headers
+        assert item is not None and headers is not None
+        self._active.discard(conn)
+        self._unwatch(conn)
+        try:
+            adopted = Connection.adopt(conn.sock, conn.key[1], conn.buf, conn.requests,
+                                       self.cfg.timeout)
+        except OSError as exc:
+            self._handoff(item.job, item.rel, self._error(item, exc))
+            return
+        self._handoff(item.job, item.rel,
+                      Prefetched(adopted, conn.key, conn.status, headers, conn.http11))
+
+    def _retry_stale(self, conn: _Conn) -> None:
+        """The server closed a reused keep-alive connection before answering: reconnect."""
+        item = conn.item
+        assert item is not None
+        self._active.discard(conn)
+        self._discard(conn)
+        try:
+            fresh = self._open(conn.key, item)
+        except ItemError as exc:
+            self._handoff(item.job, item.rel, exc)
+            return
+        fresh.item, fresh.head = item, self._heads.prepare(item.job.url)[1]
+        self._active.add(fresh)
+
+    def _fail(self, conn: _Conn, exc: BaseException) -> None:
+        item = conn.item
+        self._active.discard(conn)
+        self._discard(conn)
+        if item is not None:
+            self._handoff(item.job, item.rel, self._error(item, exc))
+
+    def _error(self, item: _Item, exc: BaseException) -> ItemError:
+        if isinstance(exc, WireError) and exc.kind == "truncated":
+            return TruncatedError(f"connection broken for {item.shown}: {exc}",
+                                  url=item.shown)
+        if isinstance(exc, TimeoutError):
+            return TransportError(f"request failed for {item.shown}: {exc}", url=item.shown)
+        return TransportError(f"request failed for {item.shown}: {type(exc).__name__}: "
+                              f"{exc}", url=item.shown)
+
+    def _sweep(self, now: float) -> None:
+        for conn in [c for c in self._active if c.deadline < now]:
+            what = "connect" if conn.state in (_CONNECTING, _HANDSHAKE) else "read"
+            self._fail(conn, TimeoutError(f"{what} timed out after {self.cfg.timeout:g} s"))
+
+    def _cancel_active(self) -> None:
+        for conn in list(self._active):
+            item = conn.item
+            self._active.discard(conn)
+            self._discard(conn)
+            if item is not None:
+                result = Result(url=item.shown, path=item.rel, status="failed", attempts=1,
+                                elapsed_s=time.monotonic() - item.started)
+                self._done(result.fail(CancelledError(f"cancelled: {item.shown}",
+                                                      url=item.shown)), item.job)
+
+    # -- connection bookkeeping ------------------------------------------------------
+    def _unwatch(self, conn: _Conn) -> None:
+        if conn.events:
+            with contextlib.suppress(KeyError, ValueError, OSError):
+                self._sel.unregister(conn.sock)
+            conn.events = 0
+
+    def _discard(self, conn: _Conn) -> None:
+        if conn.state == _IDLE:
+            pool = self._idle.get(conn.key)
+            if pool and conn in pool:
+                pool.remove(conn)
+                self._n_idle -= 1
+        self._unwatch(conn)
+        with contextlib.suppress(OSError):
+            conn.sock.close()
+
+    def _drop_idle(self) -> None:
+        for pool in self._idle.values():
+            if pool:
+                self._discard(pool[0])
+                return
+
+    def _close_all(self) -> None:
+        for pool in list(self._idle.values()):
+            for conn in list(pool):
+                self._discard(conn)
+        for conn in list(self._active):
+            self._discard(conn)
+        self._active.clear()
+        self._sel.close()
+        self._wake_r.close()
+        self._wake_w.close()
+
+
+def capacity_of(config: FetchConfig) -> int:
+    """Concurrent transfers a run allows (threads, bounded by the window)."""
+    return max(1, min(config.threads, config.in_flight))
+

@@ -1,0 +1,171 @@
+"""The single-thread loop (multiplex.py) and its hand-offs to the thread pool.
+
+The loop finishes plain small 200s itself; everything else goes to a thread with the
+response already read, so the claims here are about request counts (nothing is asked
+twice), concurrency bounds, and that every fault still ends as download_one decides.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from fetcher import FetchConfig, fetch
+from fetcher.multiplex import LOOP_BODY_MAX, loop_eligible
+from tests.httpserver import TestServer
+
+
+def _count(server: TestServer, path: str) -> int:
+    return len(server.requests(path))
+
+
+def test_small_files_go_over_at_most_threads_connections(server: TestServer,
+                                                          dest: Path) -> None:
+    bodies = {f"/s{i}": os.urandom(1000 + i) for i in range(120)}
+    urls = [server.add(p, b) for p, b in bodies.items()]
+    report = fetch(urls, dest, threads=4)
+    assert report.ok and report.counts["ok"] == 120
+    assert server.connections <= 4 and server.max_active <= 4
+    for p, b in bodies.items():
+        assert (dest / p[1:]).read_bytes() == b
+    rec = next(r for r in report.results if r.path == "s7")
+    assert rec.sha256 == hashlib.sha256(bodies["/s7"]).hexdigest()
+    assert rec.attempts == 1 and rec.http_status == 200
+    assert not list((dest / ".fetcher" / "partial").iterdir())
+
+
+@pytest.mark.parametrize("kind", ["404", "redirect", "large", "chunked", "eof"])
+def test_handed_off_responses_are_not_requested_twice(server: TestServer, dest: Path,
+                                                      kind: str) -> None:
+    body = os.urandom(LOOP_BODY_MAX + 1 if kind == "large" else 5000)
+    server.add("/target", body)
+    path = "/target"
+    if kind == "404":
+        path = "/missing"
+    elif kind == "redirect":
+        server.add("/moved", redirect="/target")
+        path = "/moved"
+    elif kind in ("chunked", "eof"):
+        server.script("/target", kind)
+    report = fetch([server.url(path)], dest, retries=2)
+    assert _count(server, path) == 1
+    if kind == "404":
+        assert report.results[0].error_type == "HTTPStatusError"
+        assert report.results[0].http_status == 404
+        return
+    assert report.ok, report.failures
+    assert _count(server, "/target") == 1
+    assert (dest / path[1:]).read_bytes() == body
+
+
+def test_hand_offs_and_loop_items_share_the_thread_budget(server: TestServer,
+                                                          dest: Path) -> None:
+    urls = []
+    for i in range(40):
+        size = 200_000 if i % 5 == 0 else 2000  # every fifth streams on a thread
+        urls.append(server.add(f"/m{i}", os.urandom(size), slow_bps=2_000_000
+                               if size > LOOP_BODY_MAX else None))
+    report = fetch(urls, dest, threads=3)
+    assert report.ok, report.failures
+    assert server.max_active <= 3
+
+
+def test_small_body_cut_or_stalled_is_retried(server: TestServer, dest: Path) -> None:
+    cut = server.add("/cut", os.urandom(30_000))
+    stall = server.add("/stall", os.urandom(30_000))
+    server.script("/cut", "cut:1000")
+    server.script("/stall", "stall:3")
+    started = time.monotonic()
+    report = fetch([cut, stall], dest, timeout=0.5, backoff_base=0.01, backoff_max=0.02)
+    assert report.ok, report.failures
+    assert time.monotonic() - started < 2.5  # the stall was cut short by the timeout
+    assert {r.path: r.attempts for r in report.results} == {"cut": 2, "stall": 2}
+    assert (dest / "cut").stat().st_size == 30_000
+
+
+def test_checksum_mismatch_counts_as_an_attempt(server: TestServer, dest: Path) -> None:
+    url = server.add("/sum", b"actual bytes")
+    report = fetch([{"url": url, "sha256": "0" * 64}], dest, retries=5, backoff_base=0.01)
+    result = report.results[0]
+    assert result.error_type == "ChecksumError"
+    assert result.attempts == 2  # two mismatches in a row: the list is wrong, stop
+    assert not (dest / "sum").exists()
+
+
+def test_expect_type_and_content_disposition_are_handed_off(server: TestServer,
+                                                            dest: Path) -> None:
+    page = server.add("/page", b"<html/>", content_type="text/html")
+    named = server.add("/dl?id=3", b"data",
+                       headers={"Content-Disposition": 'attachment; filename="report.csv"'})
+    server.add("/dl", b"data",
+               headers={"Content-Disposition": 'attachment; filename="report.csv"'})
+    report = fetch([page], dest, expect_type="image/*")
+    assert report.results[0].error_type == "ContentTypeError"
+    report = fetch([named], dest, content_disposition=True)
+    assert report.ok and (dest / "report.csv").read_bytes() == b"data"
+    assert _count(server, "/page") == 1 and _count(server, "/dl?id=3") == 1
+
+
+def test_connection_close_responses_reconnect(server: TestServer, dest: Path) -> None:
+    urls = [server.add(f"/c{i}", os.urandom(700), headers={"Connection": "close"})
+            for i in range(8)]
+    report = fetch(urls, dest, threads=2, retries=0)
+    assert report.ok, report.failures
+    assert all(r.attempts == 1 for r in report.results)
+
+
+def test_two_origins_share_the_connection_budget(dest: Path) -> None:
+    a, b = TestServer().start(), TestServer().start()
+    try:
+        urls = []
+        for i in range(30):
+            urls.append(a.add(f"/a{i}", os.urandom(900)))
+            urls.append(b.add(f"/b{i}", os.urandom(900)))
+        report = fetch(urls, dest, threads=2, retries=0)
+        assert report.ok, report.failures
+        assert a.max_active + b.max_active <= 4
+        assert (dest / "a29").stat().st_size == 900 and (dest / "b29").stat().st_size == 900
+    finally:
+        a.stop()
+        b.stop()
+
+
+def test_tls_small_files_reuse_one_connection(tls_server: TestServer, dest: Path,
+                                              cert: tuple[str, str]) -> None:
+    bodies = [os.urandom(20_000) for _ in range(12)]
+    urls = [tls_server.add(f"/t{i}", b) for i, b in enumerate(bodies)]
+    report = fetch(urls, dest, verify=cert[0], threads=1)
+    assert report.ok, report.failures
+    assert tls_server.connections == 1
+    assert all((dest / f"t{i}").read_bytes() == b for i, b in enumerate(bodies))
+
+
+def test_cancel_stops_the_loop_and_journals_what_was_in_flight(server: TestServer,
+                                                      dest: Path) -> None:
+    urls = [server.add(f"/w{i}", os.urandom(20_000)) for i in range(6)]
+    for i in range(6):
+        server.script(f"/w{i}", "stall:5")
+    cancel = threading.Event()
+    threading.Timer(0.3, cancel.set).start()
+    started = time.monotonic()
+    report = fetch(urls, dest, threads=3, cancel=cancel, timeout=30)
+    assert time.monotonic() - started < 2
+    # The three in flight are journaled as cancelled; the rest never started.
+    assert report.interrupted and report.counts["failed"] == 3
+    assert {r.error_type for r in report.results} == {"CancelledError"}
+    assert not any((dest / f"w{i}").exists() for i in range(6))
+    lines = (dest / ".fetcher" / "manifest.jsonl").read_text().splitlines()
+    assert len(lines) == 3
+
+
+def test_options_the_loop_lacks_keep_the_thread_pool() -> None:
+    assert loop_eligible(FetchConfig())
+    assert not loop_eligible(FetchConfig(rate=5))
+    assert not loop_eligible(FetchConfig(per_host=2, threads=8))
+    assert not loop_eligible(FetchConfig(proxies={"http": "http://127.0.0.1:1"}))
+    assert loop_eligible(FetchConfig(per_host=8, threads=8))
