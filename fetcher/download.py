@@ -91,9 +91,9 @@ class HostGate:
         if start > now and self._cancel.wait(start - now):
             raise CancelledError("cancelled while waiting for the host")
 
-    def paused(self, host: str) -> bool:
-        """Whether requests to ``host`` must wait (a Retry-After pause is running)."""
-        return bool(self._paused) and self._paused.get(host, 0.0) > time.monotonic()
+    def paused(self, url: str) -> bool:
+        """Whether requests to ``url``'s host must wait (a Retry-After pause is running)."""
+        return bool(self._paused) and self._paused.get(host_of(url), 0.0) > time.monotonic()
 
     def pause(self, host: str, seconds: float) -> None:
         """Hold every thread's next request to ``host`` for ``seconds`` (Retry-After)."""
@@ -154,6 +154,19 @@ class RunContext:
         if stat.S_ISLNK(mode):
             return safe_join(self.dest, rel), True  # raises UnsafePathError
         return path, True
+
+    def exists(self, rel: str) -> bool:
+        """Whether something is at ``rel`` (``target`` without building a Path)."""
+        parent = rel.rpartition("/")[0]
+        if parent and parent not in self._dirs:
+            return self.target(rel)[1]
+        try:
+            mode = os.lstat(self.dest_str + "/" + rel).st_mode
+        except FileNotFoundError:
+            return False
+        if stat.S_ISLNK(mode):
+            safe_join(self.dest, rel)  # raises UnsafePathError
+        return True
 
     def ensure_parent(self, rel: str) -> None:
         """Create (and check, once per run) the directories above ``rel``."""

@@ -132,21 +132,38 @@ def _prepare(urls: UrlSource,
         spool = stack.enter_context(tempfile.TemporaryFile("w+", encoding="utf-8"))  # noqa: SIM115
         shutil.copyfileobj(sys.stdin, spool)
         spool.seek(0)
-        total = sum(1 for _ in iter_jobs(_named(spool, "<stdin>")))
+        kept, total = _validate(iter_jobs(_named(spool, "<stdin>")))
         spool.seek(0)
-        return iter_jobs(_named(spool, "<stdin>")), total
+        return (kept if kept is not None else iter_jobs(_named(spool, "<stdin>"))), total
     if isinstance(urls, str) and "://" in urls and not os.path.exists(urls):
         return iter_jobs([urls]), 1  # one URL given where a list was expected: fine
     if isinstance(urls, str | os.PathLike):
         path = Path(urls)
         if not path.is_file():
             raise ConfigError(f"URL list not found: {path}")
-        total = sum(1 for _ in iter_jobs(path))
-        return iter_jobs(path), total
+        kept, total = _validate(iter_jobs(path))
+        return (kept if kept is not None else iter_jobs(path)), total
     if isinstance(urls, list | tuple):
         jobs = list(iter_jobs(urls))
         return jobs, len(jobs)
     return iter_jobs(urls), None
+
+
+_KEEP_PARSED = 20_000
+"""Lists up to this long are parsed once and kept (a few MB); longer ones are re-read."""
+
+
+def _validate(jobs: Iterator[Job]) -> tuple[list[Job] | None, int]:
+    """Run the parser over the whole list (raising on a bad line); count it."""
+    kept: list[Job] | None = []
+    total = 0
+    for job in jobs:
+        total += 1
+        if kept is not None:
+            kept.append(job)
+            if total > _KEEP_PARSED:
+                kept = None
+    return kept, total
 
 
 class _Named:
@@ -345,8 +362,9 @@ class _Run:
             if rel is None:
                 continue
             shown = redact(job.url)
+            owned = bool(len(self.index)) and self.index.size(shown, rel) is not None
             try:
-                rel = self._resolve_existing(rel, owned=self.index.size(shown, rel) is not None)
+                rel = self._resolve_existing(rel, owned=owned)
             except SkipExisting:
                 self._finish(Result(url=shown, path=rel, status="skipped", extra=job.extra,
                                     bytes=_file_size(self.dest / rel) or 0))
@@ -452,8 +470,7 @@ class _Run:
 
     def _resolve_existing(self, rel: str, *, owned: bool) -> str:
         """Apply --on-exists to a file already at ``rel`` that this URL does not own."""
-        _, exists = self.ctx.target(rel)
-        if owned or not exists:
+        if owned or not self.ctx.exists(rel):
             return rel
         policy = self.cfg.on_exists
         if policy == "skip":

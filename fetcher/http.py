@@ -240,6 +240,9 @@ class HttpClient:
         base_headers = {"User-Agent": config.user_agent, "Accept-Encoding": "identity"}
         base_headers.update(config.headers)
         self._base_headers = base_headers
+        self._hop0_headers: dict[str, str] | None = None
+        if config.auth is None:  # otherwise hop 0 carries an Authorization header
+            self._hop0_headers = base_headers
         self._idle: dict[tuple[str, str, int], Connection] = {}
         self._proxied: dict[str, Any] = {}
         if config.proxies:
@@ -307,6 +310,8 @@ class HttpClient:
 
     def prepare(self, url: str) -> tuple[Origin, bytes]:
         """The origin and request head of hop 0 of ``get(url)`` (for ``multiplex.py``)."""
+        if "@" not in url and self._hop0_headers is not None:
+            return request_head(url, self._hop0_headers)
         hdrs = dict(self._base_headers)
         auth_header = self._auth_header(url)
         if auth_header:

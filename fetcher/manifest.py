@@ -21,6 +21,8 @@ from typing import Any
 from .naming import DigestTable
 
 MANIFEST_NAME = "manifest.jsonl"
+# One encoder for every line: json.dumps with options builds a new one per call.
+_ENCODER = json.JSONEncoder(ensure_ascii=False, default=str)
 PUBLISHED_NAME = "published.jsonl"
 
 
@@ -46,7 +48,7 @@ class ManifestWriter:
 
     def write(self, record: dict[str, Any]) -> None:
         """Append one record (raises OSError when the disk refuses it)."""
-        line = (json.dumps(record, ensure_ascii=False, default=str) + "\n").encode()
+        line = (_ENCODER.encode(record) + "\n").encode()
         with self._lock:
             if self._fd is None:
                 raise ValueError(f"manifest {self.path} is closed")

@@ -54,7 +54,7 @@ from .errors import (
     TransportError,
     TruncatedError,
 )
-from .http import HttpClient, Origin, Prefetched, host_of, redact
+from .http import HttpClient, Origin, Prefetched, redact
 from .models import Job, Result
 from .wire import MAX_HEAD, Connection, Headers, WireError, parse_head, tls_context
 
@@ -183,10 +183,11 @@ class Multiplexer:
     # -- starting an item ------------------------------------------------------------
     def _begin(self, job: Job, rel: str) -> None:
         url = job.url
-        if partial_name(url, rel) in self.ctx.partials or self.ctx.gate.paused(host_of(url)):
+        name = partial_name(url, rel)
+        if name in self.ctx.partials or self.ctx.gate.paused(url):
             self._handoff(job, rel, None)  # resume or wait: thread work
             return
-        item = _Item(job, rel, os.path.join(self.ctx.partial_str, partial_name(url, rel)))
+        item = _Item(job, rel, self.ctx.partial_str + "/" + name)
         try:
             key, head = self._heads.prepare(url)
         except ItemError as exc:

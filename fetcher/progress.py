@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 import threading
+import time
 from typing import IO, Any, Protocol, runtime_checkable
 
 
@@ -60,6 +61,7 @@ class TqdmProgress:
         self._mininterval = mininterval
         self._bar: Any = None
         self._bytes = 0
+        self._started = self._postfix_at = time.monotonic()
         self._lock = threading.Lock()
 
     def start(self, total: int | None, *, unit: str = "file", desc: str = "") -> None:
@@ -67,6 +69,7 @@ class TqdmProgress:
             return  # no bar: skip importing tqdm (it costs ~10 ms of start-up)
         from tqdm import tqdm
 
+        self._started = time.monotonic()
         self._bar = tqdm(total=total, unit=unit, desc=desc or None, file=self._file,
                          mininterval=self._mininterval,
                          dynamic_ncols=True, leave=True)
@@ -81,10 +84,14 @@ class TqdmProgress:
         with self._lock:
             if self._bar is None:
                 return
-            if nbytes:
-                self._bytes += nbytes
-                rate = self._bar.format_dict.get("elapsed") or 0.0
-                speed = self._bytes / rate if rate > 0 else 0.0
+            self._bytes += nbytes
+            now = time.monotonic()
+            # The byte postfix is rebuilt at most as often as tqdm redraws: format_dict
+            # alone costs more than the rest of a small file's bookkeeping.
+            if nbytes and now - self._postfix_at >= self._mininterval:
+                self._postfix_at = now
+                elapsed = now - self._started
+                speed = self._bytes / elapsed if elapsed > 0 else 0.0
                 self._bar.set_postfix_str(f"{human_bytes(self._bytes)} {human_bytes(speed)}/s",
                                           refresh=False)
             self._bar.update(n)

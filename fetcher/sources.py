@@ -52,10 +52,13 @@ _RESERVED_KEYS = frozenset({"url", "path", "sha256"})
 # characters; a raw "@" is tolerated, the last one ends it), a host (dot-separated
 # labels of letters, digits, "-", "_" or non-ASCII; or an [IPv6] literal, checked with
 # ipaddress afterwards) and an optional port.
-_LABEL = r"[A-Za-z0-9_\-\u0080-\U0010ffff]+"
+# The classes are written negated (every ASCII character not allowed): the same sets as
+# [A-Za-z0-9_\-\u0080-\U0010ffff] and [A-Za-z0-9._~!$&'()*+,;=:%@\-\u0080-\U0010ffff], but
+# compiled in well under a millisecond instead of 11 ms, which every run paid at start.
+_LABEL = r"[^\x00-\x2c./\x3a-\x40\x5b-\x5e\x60\x7b-\x7f]+"
 _URL_RE = re.compile(
     r"[hH][tT][tT][pP][sS]?://"
-    r"(?:[A-Za-z0-9._~!$&'()*+,;=:%@\-\u0080-\U0010ffff]*@)?"
+    r"(?:[^\x00-\x20\"#/<>?\x5b-\x5e\x60\x7b-\x7d\x7f]*@)?"
     rf"(\[[0-9A-Fa-f:.]+(?:%25[A-Za-z0-9._~%\-]+)?\]|{_LABEL}(?:\.{_LABEL})*\.?)"
     r"(?::(\d{0,5}))?"
     r"(?=[/?#]|\Z)"

@@ -195,21 +195,20 @@ class Connection:
 
 def parse_head(head: bytes) -> tuple[int, Headers, bool]:
     """Status, headers and HTTP/1.1-ness of a response head (without its final CRLFCRLF)."""
-    lines = head.decode("latin-1").split("\r\n")
-    version, _, rest = lines[0].partition(" ")
-    code = rest[:3]
+    status_line, _, rest = head.decode("latin-1").partition("\r\n")
+    version, _, tail = status_line.partition(" ")
+    code = tail[:3]
     if not version.startswith("HTTP/1.") or not code.isdigit():
-        raise WireError("protocol", f"not an HTTP/1.x status line: {lines[0][:80]!r}")
-    headers = Headers()
-    for line in lines[1:]:
+        raise WireError("protocol", f"not an HTTP/1.x status line: {status_line[:80]!r}")
+    fields: dict[str, str] = {}
+    for line in rest.split("\r\n"):
         name, sep, value = line.partition(":")
-        if not sep:
-            continue
-        key = name.strip().lower()
-        value = value.strip()
-        old = dict.get(headers, key)
-        dict.__setitem__(headers, key, value if old is None else f"{old}, {value}")
-    return int(code), headers, version == "HTTP/1.1"
+        if sep:
+            key = name.strip().lower()
+            value = value.strip()
+            old = fields.get(key)
+            fields[key] = value if old is None else f"{old}, {value}"
+    return int(code), Headers(fields), version == "HTTP/1.1"
 
 
 class Body:
