@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common
 from common import GiB, KiB, MiB
 
-SUITES = ("small", "bigfile", "big4", "split", "urllist")
+SUITES = ("startup", "small", "bigfile", "big4", "split", "urllist")
 
 # A plain thread pool of requests sessions: what a Python user writes first.
 REQUESTS_SCRIPT = """
@@ -96,6 +96,7 @@ class Tool:
     check: Callable[[], str | None]  # None when usable, else why not
     version: Callable[[], str]
     prepare: Callable[[Ctx], None] | None = None  # e.g. write a curl config
+    verify: bool = True  # False: the command writes no file (e.g. --help)
 
 
 @dataclasses.dataclass
@@ -451,7 +452,7 @@ def run_rounds(
                 problem = f"timed out after {timeout:.0f} s"
             elif timed.returncode != 0:
                 problem = f"exit {timed.returncode}: {timed.stderr_tail[-300:]}"
-            else:
+            elif t.verify:
                 problem = common.verify_by_name(ctx.out, expected)
             common.log(
                 f"{suite} {tag}: {t.name:<18} {timed.wall_s:8.3f} s  cpu {timed.cpu_s:6.2f} s  "
@@ -489,6 +490,8 @@ def finish(
     rounds: int,
     rate: str | None,
     targets: Sequence[tuple[str, str, float]] = (),
+    wall_targets: Sequence[tuple[str, str, float]] = (),
+    ratio_targets: Sequence[tuple[str, str, str, float]] = (),
     notes: Sequence[str] = (),
 ) -> dict[str, Any]:
     base = next((r for r in results if r.name == base_name), None)
@@ -504,6 +507,23 @@ def finish(
         summary.append(
             f"target {tool} {label}: {verdict}" + ("" if value is None else f" ({value:.1f} MiB)")
         )
+    for tool, label, limit in wall_targets:
+        row = next((r for r in rows if r["tool"] == tool), None)
+        value = row["median_wall_s"] if row else None
+        verdict = "n/a" if value is None else ("PASS" if value < limit else "FAIL")
+        target_rows.append({"tool": tool, "target": label, "value_s": value, "verdict": verdict})
+        summary.append(
+            f"target {tool} {label}: {verdict}" + ("" if value is None else f" ({value:.3f} s)")
+        )
+    for tool, other, key, limit in ratio_targets:
+        a = next((r[key] for r in rows if r["tool"] == tool), None)
+        b = next((r[key] for r in rows if r["tool"] == other), None)
+        ratio = a / b if a and b else None
+        verdict = "n/a" if ratio is None else ("PASS" if ratio <= limit else "FAIL")
+        label = f"{key} at most {limit:g}x {other}'s"
+        target_rows.append({"tool": tool, "target": label, "ratio": ratio, "verdict": verdict})
+        summary.append(f"target {tool} {label}: {verdict}"
+                       + ("" if ratio is None else f" ({ratio:.2f}x)"))
     load = settings.meter.report() if settings.meter else {}
     if load.get("busy"):
         summary.append(
@@ -537,6 +557,46 @@ def finish(
 # --------------------------------------------------------------------------- suites
 
 
+def _command_tool(name: str, argv: list[str], check: Callable[[], str | None],
+                  version: Callable[[], str]) -> Tool:
+    return Tool(name, lambda c: list(argv), check, version, verify=False)
+
+
+def suite_startup(ng: common.Nginx, s: Settings) -> dict[str, Any]:
+    rounds = s.rounds or (3 if s.quick else 7)
+    files = common.make_file_set(ng.root / "one", 1, 10 * KiB)
+    urls = [f"{ng.base_url}/one/{files[0].name}"]
+    lst = common.write_lines(s.work / "lists" / "startup.txt", urls)
+    tools = [
+        _command_tool("fetcher --help", [*common.fetcher_cmd(), "--help"],
+                      _fetcher_check(), _fetcher_version),
+        fetcher_tool("fetcher get (1 URL)", threads=False),
+        curl_single_tool("curl (1 URL)"),
+        _command_tool("python -c pass", [sys.executable, "-c", "pass"],
+                      lambda: None, lambda: sys.version.split()[0]),
+    ]
+    params: dict[str, Any] = {"files": 1, "size": "10 KiB"}
+    out_root = s.out_root(common.files_footprint(1, 10 * KiB), params)
+    results = run_rounds(
+        "startup", tools, list_path=lst, urls=urls, expected=files, workers=1,
+        settings=s, rounds=rounds, timeout=s.timeout or 60, out_root=out_root,
+    )  # fmt: skip
+    return finish(
+        "startup",
+        results,
+        base_name="fetcher get (1 URL)",
+        total_bytes=0,
+        params=params,
+        settings=s,
+        rounds=rounds,
+        rate=None,
+        wall_targets=[("fetcher --help", "wall < 0.3 s", 0.3),
+                      ("fetcher get (1 URL)", "wall < 0.5 s", 0.5)],
+        notes=["python -c pass is the interpreter's own floor; fetcher's bytecode is "
+               "precompiled first, as pip install does"],
+    )
+
+
 def suite_small(ng: common.Nginx, s: Settings) -> dict[str, Any]:
     count, size, workers = (300 if s.quick else 2000), 10 * KiB, 16
     rounds = s.rounds or (2 if s.quick else 5)
@@ -567,6 +627,11 @@ def suite_small(ng: common.Nginx, s: Settings) -> dict[str, Any]:
         settings=s,
         rounds=rounds,
         rate="files/s",
+        ratio_targets=[("fetcher", "curl", "median_wall_s", 1.5),
+                       ("fetcher", "curl", "median_cpu_s", 2.0),
+                       ("fetcher", "wget2", "median_wall_s", 1.0),
+                       ("fetcher", "aria2c", "median_wall_s", 1.0),
+                       ("fetcher", "parfive", "median_wall_s", 1.0)],
         notes=[
             f"every tool runs {workers} concurrent transfers "
             "(aria2c: -j16 with its default -x1 = one connection per download)",
@@ -821,6 +886,7 @@ def suite_urllist(ng: common.Nginx, s: Settings) -> dict[str, Any]:
 
 
 RUNNERS: dict[str, Callable[[common.Nginx, Settings], dict[str, Any]]] = {
+    "startup": suite_startup,
     "small": suite_small,
     "bigfile": suite_bigfile,
     "big4": suite_big4,

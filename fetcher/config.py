@@ -19,7 +19,8 @@ class FetchConfig:
     """Everything that shapes one download run. Every field is documented in place."""
 
     threads: int = 8
-    """Worker threads; each owns one HTTP connection pool."""
+    """Concurrent transfers: connections of the small-file loop plus worker threads
+    (large, redirected or failing files), never more than this many at once."""
     retries: int = 5
     """Extra attempts per file after the first (whole-file retries, not just connects)."""
     timeout: float = 30.0
