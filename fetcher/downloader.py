@@ -345,6 +345,10 @@ class _Run:
             pool.submit(self._work, job, rel, first)
 
         def slot_done() -> None:
+            client = getattr(self._local, "client", None)
+            if client is not None:
+                for key, conn in client.take_idle():
+                    loop.give_back(key, conn)
             with lock:
                 handed[0] -= 1
             loop.wake()

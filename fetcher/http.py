@@ -149,6 +149,11 @@ class _WireResponse(Response):
     def release(self) -> None:
         body = self._body
         if body.done and body.keep_alive and not body.conn.buf:
+            # One idle connection per origin: a connection handed over by the loop can
+            # find the slot taken, and the one it replaces must not stay open.
+            old = self._client._idle.get(self._key)
+            if old is not None and old is not body.conn:
+                old.close()
             self._client._idle[self._key] = body.conn
         else:
             body.conn.close()
@@ -375,6 +380,12 @@ class HttpClient:
         if sock is not None:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
+
+    def take_idle(self) -> list[tuple[Origin, Connection]]:
+        """Remove and return the pooled direct connections (for ``Multiplexer.give_back``)."""
+        idle = list(self._idle.items())
+        self._idle.clear()
+        return idle
 
     def close(self) -> None:
         """Close every pooled connection."""

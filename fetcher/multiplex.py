@@ -27,13 +27,16 @@ a failure, so resume behaves the same on both paths.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import hashlib
 import os
 import selectors
+import signal
 import socket
 import ssl
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -65,6 +68,10 @@ _HEAD_RECV = 64 * 1024
 _TICK = 0.1
 """Longest select wait: how soon a cancel or a timeout is noticed."""
 
+_DNS_RETRY_S = 5.0
+"""After a failed lookup, the host's items go to threads (which retry) this long."""
+_NO_SOCKET: Any = None
+
 # Connection states.
 _CONNECTING, _HANDSHAKE, _SENDING, _HEAD, _BODY, _IDLE = range(6)
 _READ, _WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
@@ -93,9 +100,9 @@ class _Conn:
     __slots__ = ("addrs", "body", "buf", "deadline", "events", "got", "head", "headers",
                  "http11", "item", "key", "need", "requests", "sock", "state", "status")
 
-    def __init__(self, key: Origin, sock: socket.socket,
-                 addrs: list[tuple[Any, ...]]) -> None:
-        self.key, self.sock, self.addrs = key, sock, addrs
+    def __init__(self, key: Origin, addrs: list[tuple[Any, ...]]) -> None:
+        self.key, self.addrs = key, addrs
+        self.sock: socket.socket = _NO_SOCKET
         self.state = _CONNECTING
         self.events = 0
         self.buf = bytearray()
@@ -129,6 +136,11 @@ class Multiplexer:
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         self._sel.register(self._wake_r, _READ, None)
+        self._sigint: Callable[[int, Any], None] | None = None
+        self._returned: collections.deque[tuple[Origin, Connection]] = collections.deque()
+        self._resolving: set[tuple[str, int]] = set()
+        self._unresolved: dict[tuple[str, int], float] = {}
+        """Hosts whose lookup failed, until when their items go to threads."""
 
     # -- public ----------------------------------------------------------------------
     def wake(self) -> None:
@@ -136,12 +148,71 @@ class Multiplexer:
         with contextlib.suppress(OSError):
             self._wake_w.send(b"x")
 
-    @property
-    def active(self) -> int:
-        return len(self._active)
+    def give_back(self, key: Origin, conn: Connection) -> None:
+        """Return a thread's idle keep-alive connection to the loop (any thread).
+
+        Handed-off items end on a thread holding the connection the loop passed it;
+        taking it back keeps the run at ``threads`` connections and spares a connect.
+        """
+        self._returned.append((key, conn))
+        self.wake()
+
+    def _take_back(self) -> None:
+        while self._returned:
+            key, wired = self._returned.popleft()
+            if wired.buf or len(self._active) + self._n_idle >= self._capacity():
+                wired.close()
+                continue
+            conn = _Conn(key, [])
+            conn.sock, conn.requests, conn.state = wired.sock, wired.requests, _IDLE
+            try:
+                conn.sock.setblocking(False)
+            except OSError:
+                wired.close()
+                continue
+            self._watch(conn, _READ)
+            self._idle.setdefault(key, []).append(conn)
+            self._n_idle += 1
 
     def run(self, items: Iterator[tuple[Job, str]]) -> None:
-        """Download every item; returns when all are done or handed off."""
+        """Download every item; returns when all are done or handed off.
+
+        A Ctrl-C (SIGINT with Python's default handler) does what the CLI's first
+        Ctrl-C does: the loop stops, every item in flight is journaled as cancelled,
+        and KeyboardInterrupt is raised after that, never between a file's publish
+        and its manifest line. A second Ctrl-C interrupts at once.
+        """
+        interrupted = self._catch_sigint()
+        try:
+            self._run(items)
+        finally:
+            self._release_sigint()
+        if interrupted:
+            raise KeyboardInterrupt
+
+    def _catch_sigint(self) -> list[int]:
+        hits: list[int] = []
+        if threading.current_thread() is not threading.main_thread() \
+                or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+            return hits
+
+        def on_sigint(signum: int, frame: Any) -> None:
+            hits.append(signum)
+            self.ctx.cancel.set()
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # the next one raises
+            self.wake()
+
+        signal.signal(signal.SIGINT, on_sigint)
+        self._sigint = on_sigint
+        return hits
+
+    def _release_sigint(self) -> None:
+        if self._sigint is not None:
+            if signal.getsignal(signal.SIGINT) is self._sigint:
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+            self._sigint = None
+
+    def _run(self, items: Iterator[tuple[Job, str]]) -> None:
         ctx, sel = self.ctx, self._sel
         cancel, stop_new = ctx.cancel, ctx.stop_new
         exhausted = False
@@ -166,6 +237,7 @@ class Multiplexer:
                     if conn is None:
                         with contextlib.suppress(OSError):
                             self._wake_r.recv(4096)
+                        self._take_back()
                     else:
                         self._step(conn, mask)
                 now = time.monotonic()
@@ -188,53 +260,90 @@ class Multiplexer:
             self._handoff(job, rel, None)  # resume or wait: thread work
             return
         item = _Item(job, rel, self.ctx.partial_str + "/" + name)
+        if self._returned:
+            self._take_back()
         try:
             key, head = self._heads.prepare(url)
+            conns = self._idle.get(key)
+            if conns:
+                conn = conns.pop()
+                self._n_idle -= 1
+            else:
+                addrs = self._addresses(key[1], key[2])
+                if addrs is None:  # being looked up, or the lookup failed: a thread waits
+                    self._handoff(job, rel, None)
+                    return
+                conn = self._open(key, addrs, item)
         except ItemError as exc:
             self._handoff(job, rel, exc)
             return
-        conns = self._idle.get(key)
-        if conns:
-            conn = conns.pop()
-            self._n_idle -= 1
-        else:
-            try:
-                conn = self._open(key, item)
-            except ItemError as exc:
-                self._handoff(job, rel, exc)
-                return
         conn.item, conn.head = item, head
         self._active.add(conn)
         if conn.state == _IDLE:
             self._send(conn)
 
-    def _open(self, key: Origin, item: _Item) -> _Conn:
+    def _addresses(self, host: str, port: int) -> list[tuple[Any, ...]] | None:
+        """Cached addresses of ``host``; None while a lookup runs on another thread.
+
+        Names are never resolved on the loop thread: one slow DNS server would stall
+        every transfer. IP literals need no lookup.
+        """
+        hostport = (host, port)
+        addrs = self._addrs.get(hostport)
+        if addrs is not None:
+            return addrs
+        if _is_ip(host):
+            return self._lookup(hostport)
+        if hostport not in self._resolving and \
+                self._unresolved.get(hostport, 0.0) <= time.monotonic():
+            self._resolving.add(hostport)
+            threading.Thread(target=self._lookup, args=(hostport,), daemon=True,
+                             name="fetcher-dns").start()
+        return None
+
+    def _lookup(self, hostport: tuple[str, int]) -> list[tuple[Any, ...]] | None:
+        try:
+            infos = socket.getaddrinfo(*hostport, type=socket.SOCK_STREAM)
+        except OSError:
+            self._unresolved[hostport] = time.monotonic() + _DNS_RETRY_S
+            addrs = None
+        else:
+            addrs = self._addrs[hostport] = [(*i[:3], i[4]) for i in infos]
+        self._resolving.discard(hostport)
+        self.wake()
+        return addrs
+
+    def _open(self, key: Origin, addrs: list[tuple[Any, ...]], item: _Item) -> _Conn:
         while self._n_idle and len(self._active) + self._n_idle >= self._capacity():
             self._drop_idle()  # another origin's spare connection makes room
-        _, host, port = key
-        addrs = self._addrs.get((host, port))
-        if addrs is None:
-            try:
-                infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-            except OSError as exc:
-                raise TransportError(f"request failed for {item.shown}: cannot resolve "
-                                     f"{host}: {exc}", url=item.shown) from exc
-            addrs = self._addrs[(host, port)] = [(*i[:3], i[4]) for i in infos]
-        conn = _Conn(key, socket.socket(*addrs[0][:3]), list(addrs))
-        self._connect(conn)
+        conn = _Conn(key, list(addrs))
+        self._connect(conn, item)
         return conn
 
-    def _connect(self, conn: _Conn) -> None:
-        address = conn.addrs[0][3]
-        sock = conn.sock
-        sock.setblocking(False)
-        err = sock.connect_ex(address)
-        conn.deadline = time.monotonic() + self.cfg.timeout
-        if err not in (0, errno.EINPROGRESS, errno.EALREADY, errno.EWOULDBLOCK):
-            raise TransportError(
-                f"request failed for {conn.item.shown if conn.item else conn.key[1]}: "
-                f"connect: {os.strerror(err)}", url=conn.key[1])
-        self._watch(conn, _WRITE)
+    def _connect(self, conn: _Conn, item: _Item) -> None:
+        """Start connecting to the first address that does not fail at once."""
+        last = ""
+        while conn.addrs:
+            family, kind, proto, address = conn.addrs[0]
+            try:
+                sock = socket.socket(family, kind, proto)
+            except OSError as exc:  # e.g. out of file descriptors
+                last = f"{type(exc).__name__}: {exc}"
+                conn.addrs.pop(0)
+                continue
+            sock.setblocking(False)
+            err = sock.connect_ex(address)
+            if err in (0, errno.EINPROGRESS, errno.EALREADY, errno.EWOULDBLOCK):
+                conn.sock = sock
+                conn.state = _CONNECTING
+                conn.deadline = time.monotonic() + self.cfg.timeout
+                self._watch(conn, _WRITE)
+                return
+            sock.close()
+            last = os.strerror(err)
+            conn.addrs.pop(0)
+        raise TransportError(f"request failed for {item.shown}: connect: {last}",
+                             url=item.shown)
 
     def _send(self, conn: _Conn) -> None:
         conn.state = _SENDING
@@ -245,7 +354,7 @@ class Multiplexer:
         except _WOULD_BLOCK:
             n = 0
         except OSError as exc:
-            self._fail(conn, exc)
+            self._broken(conn, exc)
             return
         conn.head = conn.head[n:]
         if conn.head:
@@ -281,20 +390,20 @@ class Multiplexer:
                 self._discard(conn)
         except _WOULD_BLOCK:
             pass
-        except (OSError, WireError) as exc:
-            self._fail(conn, exc)
+        except (OSError, WireError, ItemError) as exc:
+            self._broken(conn, exc)
 
     def _connected(self, conn: _Conn) -> None:
         err = conn.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err:
             conn.addrs.pop(0)
-            if conn.addrs:  # e.g. ::1 refused, 127.0.0.1 listening
-                self._unwatch(conn)
-                conn.sock.close()
-                conn.sock = socket.socket(*conn.addrs[0][:3])
-                self._connect(conn)
-                return
-            raise OSError(err, f"connect: {os.strerror(err)}")
+            self._unwatch(conn)
+            conn.sock.close()
+            if not conn.addrs:
+                raise OSError(err, f"connect: {os.strerror(err)}")
+            assert conn.item is not None
+            self._connect(conn, conn.item)  # e.g. ::1 refused, 127.0.0.1 listening
+            return
         self._addrs[(conn.key[1], conn.key[2])] = [conn.addrs[0]]
         conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if conn.key[0] == "https":
@@ -335,6 +444,7 @@ class Multiplexer:
                 self._retry_stale(conn)
                 return
             raise WireError("closed", "connection closed before the response head")
+        conn.deadline = time.monotonic() + self.cfg.timeout
         buf = conn.buf
         buf += data
         while True:
@@ -468,13 +578,26 @@ class Multiplexer:
         assert item is not None
         self._active.discard(conn)
         self._discard(conn)
+        addrs = conn.addrs or self._addresses(conn.key[1], conn.key[2])
+        if not addrs:
+            self._handoff(item.job, item.rel, None)
+            return
         try:
-            fresh = self._open(conn.key, item)
+            fresh = self._open(conn.key, addrs, item)
         except ItemError as exc:
             self._handoff(item.job, item.rel, exc)
             return
         fresh.item, fresh.head = item, self._heads.prepare(item.job.url)[1]
         self._active.add(fresh)
+
+    def _broken(self, conn: _Conn, exc: BaseException) -> None:
+        """A failed step: a reused connection the server had already closed (EOF,
+        reset, broken pipe before any byte of the answer) is retried on a new one."""
+        if isinstance(exc, (ConnectionResetError, BrokenPipeError)) and conn.requests > 1 \
+                and conn.state in (_SENDING, _HEAD) and not conn.buf and conn.item is not None:
+            self._retry_stale(conn)
+            return
+        self._fail(conn, exc)
 
     def _fail(self, conn: _Conn, exc: BaseException) -> None:
         item = conn.item
@@ -484,6 +607,8 @@ class Multiplexer:
             self._handoff(item.job, item.rel, self._error(item, exc))
 
     def _error(self, item: _Item, exc: BaseException) -> ItemError:
+        if isinstance(exc, ItemError):
+            return exc
         if isinstance(exc, WireError) and exc.kind == "truncated":
             return TruncatedError(f"connection broken for {item.shown}: {exc}",
                                   url=item.shown)
@@ -538,6 +663,8 @@ class Multiplexer:
         for conn in list(self._active):
             self._discard(conn)
         self._active.clear()
+        while self._returned:
+            self._returned.popleft()[1].close()
         self._sel.close()
         self._wake_r.close()
         self._wake_w.close()
@@ -547,3 +674,12 @@ def capacity_of(config: FetchConfig) -> int:
     """Concurrent transfers a run allows (threads, bounded by the window)."""
     return max(1, min(config.threads, config.in_flight))
 
+
+def _is_ip(host: str) -> bool:
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            socket.inet_pton(family, host)
+            return True
+        except OSError:
+            pass
+    return False

@@ -8,7 +8,12 @@ twice), concurrency bounds, and that every fault still ends as download_one deci
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -18,6 +23,7 @@ import pytest
 from fetcher import FetchConfig, fetch
 from fetcher.multiplex import LOOP_BODY_MAX, loop_eligible
 from tests.httpserver import TestServer
+from tests.rawserver import RawServer, ok
 
 
 def _count(server: TestServer, path: str) -> int:
@@ -169,3 +175,101 @@ def test_options_the_loop_lacks_keep_the_thread_pool() -> None:
     assert not loop_eligible(FetchConfig(per_host=2, threads=8))
     assert not loop_eligible(FetchConfig(proxies={"http": "http://127.0.0.1:1"}))
     assert loop_eligible(FetchConfig(per_host=8, threads=8))
+
+
+def test_reset_of_a_reused_connection_is_a_silent_reconnect(dest: Path) -> None:
+    def answer_once_then_reset(sock: socket.socket, n: int, path: str) -> bool:
+        sock.sendall(ok(path.encode()))
+        sock.recv(1, socket.MSG_PEEK)  # the next request has arrived, unread
+        time.sleep(0.05)
+        return False  # closing with unread data sends a TCP reset, not a FIN
+
+    srv = RawServer(answer_once_then_reset)
+    try:
+        report = fetch([srv.url(f"/r{i}") for i in range(4)], dest, threads=1, retries=0)
+    finally:
+        srv.stop()
+    assert report.ok, report.failures
+    assert all(r.attempts == 1 for r in report.results)
+
+
+def test_interim_responses_restart_the_read_timeout(dest: Path) -> None:
+    def slow_with_102s(sock: socket.socket, n: int, path: str) -> bool:
+        for _ in range(4):
+            sock.sendall(b"HTTP/1.1 102 Processing\r\n\r\n")
+            time.sleep(0.25)
+        sock.sendall(ok(b"finally"))
+        return True
+
+    srv = RawServer(slow_with_102s)
+    try:
+        report = fetch([srv.url("/slow")], dest, retries=0, timeout=0.6)
+    finally:
+        srv.stop()
+    assert report.ok, report.failures
+    assert (dest / "slow").read_bytes() == b"finally"
+
+
+def test_hand_offs_give_their_connection_back(dest: Path) -> None:
+    def mixed(sock: socket.socket, n: int, path: str) -> bool:
+        if path.endswith("4"):
+            sock.sendall(b"HTTP/1.1 404 Not Found\r\nContent-Length: 3\r\n\r\nnop")
+        else:
+            sock.sendall(ok(os.urandom(500)))
+        return True
+
+    srv = RawServer(mixed)
+    try:
+        report = fetch([srv.url(f"/h{i}") for i in range(60)], dest, threads=2, retries=0)
+    finally:
+        srv.stop()
+    assert report.counts == {"ok": 54, "skipped": 0, "failed": 6}
+    assert srv.max_open <= 2  # the 404s went to threads and their sockets came back
+    assert srv.connections <= 8
+
+
+def test_host_names_resolve_off_the_loop_and_fall_back_across_addresses(
+        server: TestServer, dest: Path) -> None:
+    # "localhost" may list ::1 first; the server listens on 127.0.0.1 only.
+    port = server.base.rsplit(":", 1)[1]
+    urls = [server.add(f"/n{i}", os.urandom(800)).replace("127.0.0.1", "localhost")
+            for i in range(30)]
+    assert all(f"localhost:{port}" in u for u in urls)
+    report = fetch(urls, dest, threads=4, retries=0)
+    assert report.ok, report.failures
+    assert server.max_active <= 4
+
+
+def test_ctrl_c_in_library_use_journals_every_started_item(server: TestServer,
+                                                           dest: Path) -> None:
+    urls = [server.add(f"/i{i}", os.urandom(5000)) for i in range(40)]
+    for i in range(20, 40):
+        server.script(f"/i{i}", "stall:3")
+    threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()
+    with pytest.raises(KeyboardInterrupt):
+        fetch(urls, dest, threads=4, timeout=30)
+    lines = [json.loads(x) for x in
+             (dest / ".fetcher" / "manifest.jsonl").read_text().splitlines()]
+    journaled = {r["path"] for r in lines}
+    on_disk = {p.name for p in dest.iterdir() if p.is_file()}
+    assert on_disk <= journaled  # no published file without its manifest line
+    assert {r["status"] for r in lines} <= {"ok", "failed"}
+    assert any(r["error_type"] == "CancelledError" for r in lines)
+
+
+def test_running_out_of_file_descriptors_fails_items_not_the_run(server: TestServer,
+                                                                 tmp_path: Path) -> None:
+    urls = [server.add(f"/e{i}", os.urandom(300)) for i in range(100)]
+    lst = tmp_path / "urls.txt"
+    lst.write_text("\n".join(urls) + "\n")
+    script = (
+        "import resource, sys\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (30, 30))\n"
+        "from fetcher import fetch\n"
+        "r = fetch(sys.argv[1], sys.argv[2], threads=64, retries=0)\n"
+        "print(r.counts['ok'] + r.counts['failed'])\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script, str(lst), str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "100"
