@@ -143,6 +143,12 @@ def get(
         fetcher = Fetcher(config, progress=TqdmProgress(disable=True if quiet else None),
                           post=post or (), processes=processes, sink=sink,
                           sink_table=sink_table, cluster=cluster)
+        # Everything imported so far lives until exit: moved out of the collector's
+        # sight, the cyclic GC's full passes stop re-walking it thousands of times
+        # during a run of small files (~10% of the CPU of 2,000 x 10 KiB).
+        import gc
+
+        gc.freeze()
         cancel = threading.Event()
         with _Interrupts(cancel):
             report = fetcher.run(urls, output, cancel=cancel)

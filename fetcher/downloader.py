@@ -12,13 +12,11 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from .config import FetchConfig
 from .download import HostGate, RunContext, SkipExisting, download_one
@@ -43,6 +41,9 @@ from .naming import (
 )
 from .progress import NullProgress, Progress
 from .sources import iter_jobs
+
+if TYPE_CHECKING:
+    from concurrent.futures import Future
 
 UrlSource = str | os.PathLike[str] | IO[str] | Iterable[str | Job | Mapping[str, Any]]
 
@@ -128,6 +129,7 @@ def _prepare(urls: UrlSource,
     """Validate the whole list up front where it can be read twice; count it."""
     if isinstance(urls, str) and urls == "-":
         import sys
+        import tempfile
 
         spool = stack.enter_context(tempfile.TemporaryFile("w+", encoding="utf-8"))  # noqa: SIM115
         shutil.copyfileobj(sys.stdin, spool)
@@ -284,7 +286,7 @@ class _Run:
         Runs the selector loop of ``multiplex.py`` with the thread pool behind it for
         what the loop hands over, or the thread pool alone when options need it.
         """
-        pool = ThreadPoolExecutor(self.cfg.threads, thread_name_prefix="fetcher")
+        pool = _Pool(self.cfg.threads)
         try:
             if loop_eligible(self.cfg):
                 self._multiplex(jobs, pool)
@@ -303,7 +305,7 @@ class _Run:
         self.ctx.cancel.set()
         self.ctx.abort_all()
 
-    def _drain(self, pool: ThreadPoolExecutor) -> None:
+    def _drain(self, pool: _Pool) -> None:
         """Wait for in-flight items; an interrupt here aborts transfers and keeps waiting."""
         while True:
             try:
@@ -312,7 +314,7 @@ class _Run:
             except KeyboardInterrupt:
                 self._interrupt()
 
-    def _schedule(self, jobs: Iterable[Job], pool: ThreadPoolExecutor) -> None:
+    def _schedule(self, jobs: Iterable[Job], pool: _Pool) -> None:
         cancel, stop_new = self.ctx.cancel, self.ctx.stop_new
         watcher = threading.Thread(target=self._watch_cancel, daemon=True)
         watcher.start()
@@ -327,7 +329,7 @@ class _Run:
                     return
             pool.submit(self._work, job, item)
 
-    def _multiplex(self, jobs: Iterable[Job], pool: ThreadPoolExecutor) -> None:
+    def _multiplex(self, jobs: Iterable[Job], pool: _Pool) -> None:
         cap = capacity_of(self.cfg)
         lock = threading.Lock()
         handed = [0]
@@ -542,6 +544,29 @@ class _Run:
         with self._lock:
             self.report.add(result, keep=self.cfg.keep_results)
         self.progress.update(1, nbytes=result.bytes if result.status == "ok" else 0)
+
+
+class _Pool:
+    """A thread pool whose threads start on first use (a loop run whose files are all
+    small needs none). The module is imported up front all the same: importing it at
+    the first hand-off can fail when that hand-off is caused by running out of file
+    descriptors."""
+
+    def __init__(self, threads: int) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._threads = threads
+        self._pool: Any = None
+        self._cls = ThreadPoolExecutor
+
+    def submit(self, fn: Callable[..., None], *args: Any) -> None:
+        if self._pool is None:
+            self._pool = self._cls(self._threads, thread_name_prefix="fetcher")
+        self._pool.submit(fn, *args)
+
+    def shutdown(self, wait: bool = True) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=wait)
 
 
 def _post_done(result: Result, future: Future[list[str]]) -> Result:

@@ -35,7 +35,7 @@ import os
 import selectors
 import signal
 import socket
-import ssl
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -75,8 +75,7 @@ _NO_SOCKET: Any = None
 # Connection states.
 _CONNECTING, _HANDSHAKE, _SENDING, _HEAD, _BODY, _IDLE = range(6)
 _READ, _WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
-_WOULD_BLOCK = (BlockingIOError, InterruptedError, ssl.SSLWantReadError,
-                ssl.SSLWantWriteError)
+_WOULD_BLOCK = (BlockingIOError, InterruptedError)
 
 Handoff = Callable[[Job, str, Prefetched | ItemError | None], None]
 
@@ -131,7 +130,7 @@ class Multiplexer:
         self._active: set[_Conn] = set()
         self._n_idle = 0
         self._addrs: dict[tuple[str, int], list[tuple[Any, ...]]] = {}
-        self._tls: ssl.SSLContext | None = None
+        self._tls: Any = None
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
@@ -354,8 +353,10 @@ class Multiplexer:
         except _WOULD_BLOCK:
             n = 0
         except OSError as exc:
-            self._broken(conn, exc)
-            return
+            if not _tls_would_block(exc):
+                self._broken(conn, exc)
+                return
+            n = 0
         conn.head = conn.head[n:]
         if conn.head:
             self._watch(conn, _WRITE)
@@ -391,7 +392,8 @@ class Multiplexer:
         except _WOULD_BLOCK:
             pass
         except (OSError, WireError, ItemError) as exc:
-            self._broken(conn, exc)
+            if not _tls_would_block(exc):
+                self._broken(conn, exc)
 
     def _connected(self, conn: _Conn) -> None:
         err = conn.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
@@ -418,6 +420,8 @@ class Multiplexer:
         self._send(conn)
 
     def _handshake(self, conn: _Conn) -> None:
+        import ssl  # imported already: tls_context made the socket
+
         sock = conn.sock
         assert isinstance(sock, ssl.SSLSocket)
         try:
@@ -509,7 +513,7 @@ class Multiplexer:
     def _more_tls(self, conn: _Conn) -> None:
         """Decrypted bytes an SSL socket holds never wake the selector: read them now."""
         sock = conn.sock
-        if isinstance(sock, ssl.SSLSocket) and sock.pending():
+        if conn.key[0] == "https" and sock.pending():  # type: ignore[attr-defined]
             self._step(conn, _READ)
 
     # -- endings ---------------------------------------------------------------------
@@ -673,6 +677,12 @@ class Multiplexer:
 def capacity_of(config: FetchConfig) -> int:
     """Concurrent transfers a run allows (threads, bounded by the window)."""
     return max(1, min(config.threads, config.in_flight))
+
+
+def _tls_would_block(exc: BaseException) -> bool:
+    """An SSL socket's "try again" (ssl is imported only by runs that use https)."""
+    ssl = sys.modules.get("ssl")
+    return ssl is not None and isinstance(exc, (ssl.SSLWantReadError, ssl.SSLWantWriteError))
 
 
 def _is_ip(host: str) -> bool:

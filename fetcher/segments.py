@@ -18,7 +18,6 @@ import hashlib
 import json
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from .config import FetchConfig
@@ -86,6 +85,8 @@ class SplitDownload:
             here = pending[0] if first is not None and pending and pending[0] == 0 else None
             others = [i for i in pending if i != here]
             errors: list[BaseException] = []
+            from concurrent.futures import ThreadPoolExecutor  # split runs only
+
             with ThreadPoolExecutor(max(1, len(others)),
                                     thread_name_prefix="fetcher-seg") as pool:
                 futures = [pool.submit(self._segment, fd, i, None) for i in others]

@@ -17,11 +17,13 @@ import errno
 import os
 import select
 import socket
-import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import ssl
 
 MAX_HEAD = 64 * 1024
 _RECV = 256 * 1024
@@ -61,6 +63,8 @@ _tls_cache: dict[tuple[Any, ...], ssl.SSLContext] = {}
 
 def tls_context(verify: bool | str, cert: str | tuple[str, str] | None) -> ssl.SSLContext:
     """One shared context per TLS setting (loading CA certificates costs milliseconds)."""
+    import ssl  # only runs that use https pay for importing it (~7 ms)
+
     key = (verify, cert)
     with _tls_lock:
         ctx = _tls_cache.get(key)
@@ -132,7 +136,7 @@ class Connection:
         except TimeoutError as exc:
             sock.close()
             raise WireError("connect", "TLS handshake timed out") from exc
-        except (OSError, ssl.SSLError) as exc:
+        except OSError as exc:  # ssl.SSLError included
             sock.close()
             raise WireError("connect", f"{type(exc).__name__}: {exc}") from exc
         self.sock = sock
@@ -165,7 +169,7 @@ class Connection:
             if reused:
                 raise StaleConnection("closed", "keep-alive connection closed") from exc
             raise WireError("closed", f"{type(exc).__name__}: {exc}") from exc
-        except (OSError, ssl.SSLError) as exc:
+        except OSError as exc:  # ssl.SSLError included
             raise WireError("closed", f"{type(exc).__name__}: {exc}") from exc
 
     def _read_head(self, reused: bool) -> tuple[int, Headers, bool]:
@@ -275,7 +279,7 @@ class Body:
             return data
         except TimeoutError as exc:
             raise WireError("timeout", "read timed out") from exc
-        except (OSError, ssl.SSLError) as exc:
+        except OSError as exc:  # ssl.SSLError included
             raise WireError("truncated", f"{type(exc).__name__}: {exc}") from exc
 
     def _fill(self) -> None:
