@@ -69,9 +69,7 @@ they share). The ``"dask"`` backend lives in ``fetcher.cluster``.
 
 from __future__ import annotations
 
-# Private names below are imported by fetcher.cluster, or patched by the tests here:
-# _worker_main and _cloudpickle are looked up on this package when used.
-from ._callables import _cloudpickle as _cloudpickle
+# Private names below are imported by fetcher.cluster.
 from ._common import Mode as Mode
 from ._common import OnError as OnError
 from ._common import RemoteError, usable_cpu_count
@@ -83,7 +81,6 @@ from ._process import shutdown_pools, start_method
 from ._taskpool import TaskPool
 from ._worker import _dump_result as _dump_result
 from ._worker import _run_tracked as _run_tracked
-from ._worker import _worker_main as _worker_main
 
 __all__ = [
     "RemoteError",

@@ -34,9 +34,7 @@ def _dump_callable(fn: Callable[..., Any]) -> bytes:
             return pickle.dumps(fn, _PICKLE)
         except Exception as exc:  # PicklingError, AttributeError, TypeError
             problem = exc
-    from .. import executors  # looked up there, where tests patch it
-
-    cp = executors._cloudpickle()
+    cp = _cloudpickle()
     if cp is not None:
         try:
             return bytes(cp.dumps(fn, _PICKLE))

@@ -22,6 +22,7 @@ from multiprocessing.connection import wait as _mp_wait
 from typing import Any
 
 from ..errors import ConfigError
+from . import _worker
 from ._callables import _dump_callable, _hide_unimportable_main
 from ._common import _PICKLE, _Event, _Task, split_unpicklable
 from ._worker import _BOOT_MARK
@@ -99,9 +100,7 @@ class _ProcessBackend:
     # -- lifecycle
     def _spawn(self, slot: int) -> _Worker:
         parent_conn, child_conn = self._ctx.Pipe(duplex=True)
-        from .. import executors  # looked up there, where tests patch it
-
-        proc = self._ctx.Process(target=executors._worker_main, name=f"fetcher-worker-{slot}",
+        proc = self._ctx.Process(target=_worker._worker_main, name=f"fetcher-worker-{slot}",
                                  args=(child_conn, self._marks, slot, self._alive_r))
         self._marks_view[slot] = _BOOT_MARK
         with _hide_unimportable_main():

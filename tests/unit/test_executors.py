@@ -285,10 +285,10 @@ def test_lambda_and_local_functions_work_or_fail_clearly(monkeypatch: pytest.Mon
     def local(x: int) -> int:
         return x + offset
 
-    if executors._cloudpickle() is not None:
+    if executors._callables._cloudpickle() is not None:
         assert parallel_map(lambda x: x * 2, range(4), mode="process") == [0, 2, 4, 6]
         assert parallel_map(local, range(3), mode="process") == [5, 6, 7]
-    monkeypatch.setattr(executors, "_cloudpickle", lambda: None)
+    monkeypatch.setattr(executors._callables, "_cloudpickle", lambda: None)
     with pytest.raises(ConfigError, match="cannot be sent to worker processes") as info:
         parallel_map(local, range(3), mode="process")
     assert "module top level" in str(info.value) and "mode='thread'" in str(info.value)
@@ -312,7 +312,7 @@ def test_workers_default_to_usable_cpus_and_method_is_explicit(
 
 def test_workers_that_cannot_start_give_a_clear_error(monkeypatch: pytest.MonkeyPatch
                                                       ) -> None:
-    monkeypatch.setattr(executors, "_worker_main", exit_at_once)
+    monkeypatch.setattr(executors._worker, "_worker_main", exit_at_once)
     t0 = time.monotonic()
     with pytest.raises(ConfigError, match="die while starting"):
         parallel_map(square, range(10), mode="process", workers=3)
