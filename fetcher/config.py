@@ -53,8 +53,9 @@ class FetchConfig:
     """TLS verification: True, False, or a CA bundle path."""
     cert: str | tuple[str, str] | None = None
     """Client certificate file, or (cert, key)."""
-    chunk_size: int = 256 * 1024
-    """Bytes read per call while streaming a body."""
+    chunk_size: int = 1024 * 1024
+    """Bytes read per call while streaming a body (a large file holds up to 6 buffers
+    of this size while its SHA-256 runs on another thread)."""
     backoff_base: float = 0.5
     """First retry delay, seconds; doubles each attempt, with full jitter."""
     backoff_max: float = 30.0

@@ -101,6 +101,15 @@ class Response:
         """Drop an unwanted body: read a small one so the connection is reused."""
         raise NotImplementedError
 
+    @property
+    def fills_buffers(self) -> bool:
+        """Whether ``readinto`` works (a length-framed body on our own connection)."""
+        return False
+
+    def readinto(self, buf: memoryview) -> int:
+        """Body bytes into the front of ``buf``; 0 at the end (see ``fills_buffers``)."""
+        raise NotImplementedError
+
     def release(self) -> None:
         """Return the connection if the body was consumed, else close it."""
         raise NotImplementedError
@@ -129,6 +138,20 @@ class _WireResponse(Response):
     def chunks(self, size: int) -> Iterator[bytes]:
         try:
             yield from self._body.chunks(size)
+        except WireError as exc:
+            shown = redact(self.url)
+            if exc.kind == "truncated":
+                raise TruncatedError(f"connection broken for {shown}: {exc}",
+                                     url=self.url) from exc
+            raise TransportError(f"transfer failed for {shown}: {exc}", url=self.url) from exc
+
+    @property
+    def fills_buffers(self) -> bool:
+        return not self._body.chunked
+
+    def readinto(self, buf: memoryview) -> int:
+        try:
+            return self._body.readinto(buf)
         except WireError as exc:
             shown = redact(self.url)
             if exc.kind == "truncated":

@@ -272,6 +272,42 @@ class Body:
             yield data
         self.done = True
 
+    def readinto(self, buf: memoryview) -> int:
+        """Fill the front of ``buf`` with body bytes; 0 at the end. Length-framed bodies
+        only (``chunked`` is False): read straight into the caller's buffer, no copies
+        and no fresh allocation per read."""
+        remaining = self.remaining
+        if remaining == 0:
+            self.done = True
+            return 0
+        want = len(buf) if remaining is None else min(len(buf), remaining)
+        pending = self.conn.buf
+        if pending:
+            n = min(want, len(pending))
+            buf[:n] = pending[:n]
+            del pending[:n]
+        else:
+            try:
+                n = self.conn.sock.recv_into(buf, want)
+            except TimeoutError as exc:
+                raise WireError("timeout", "read timed out") from exc
+            except OSError as exc:
+                raise WireError("truncated", f"{type(exc).__name__}: {exc}") from exc
+            if not n:
+                if remaining is None:
+                    self.done = True
+                    return 0
+                raise WireError("truncated",
+                                f"connection closed with {remaining} bytes of the body missing")
+        if remaining is not None:
+            self.remaining = remaining - n
+            self.done = self.remaining == 0
+        return n
+
+    @property
+    def chunked(self) -> bool:
+        return self._chunked
+
     @staticmethod
     def _recv(recv: Any, n: int) -> bytes:
         try:
