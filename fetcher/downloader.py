@@ -527,10 +527,13 @@ class _Run:
         self._record(result)
 
     def _record(self, result: Result) -> None:
-        record = result.record()
+        record = result.record() if self.writer is not None else None
         assert self.manifest is not None
         try:
-            self.manifest.write(record)
+            if record is None:
+                self.manifest.write_json(result.json_line())
+            else:
+                self.manifest.write(record)
         except OSError as exc:  # a full disk: keep counting, start nothing new
             self.ctx.stop(f"cannot write the manifest {self.manifest.path}: {exc}")
         if self.writer is not None and not self._sink_failed:

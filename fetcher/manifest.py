@@ -18,11 +18,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from .models import encode_record
 from .naming import DigestTable
 
 MANIFEST_NAME = "manifest.jsonl"
-# One encoder for every line: json.dumps with options builds a new one per call.
-_ENCODER = json.JSONEncoder(ensure_ascii=False, default=str)
 PUBLISHED_NAME = "published.jsonl"
 
 
@@ -48,7 +47,11 @@ class ManifestWriter:
 
     def write(self, record: dict[str, Any]) -> None:
         """Append one record (raises OSError when the disk refuses it)."""
-        line = (_ENCODER.encode(record) + "\n").encode()
+        self.write_json(encode_record(record))
+
+    def write_json(self, text: str) -> None:
+        """Append one record already encoded as a JSON object on one line."""
+        line = (text + "\n").encode()
         with self._lock:
             if self._fd is None:
                 raise ValueError(f"manifest {self.path} is closed")

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from json.encoder import encode_basestring as _encode_str  # what ensure_ascii=False uses
 from typing import Any, Literal
 
 from .errors import BatchFailedError
@@ -15,6 +17,10 @@ MANIFEST_FIELDS: tuple[str, ...] = (
     "elapsed_s", "error_type", "error", "outputs",
 )
 
+
+encode_record = json.JSONEncoder(ensure_ascii=False, default=str).encode
+"""A record as one line of JSON (one encoder for all: json.dumps with options makes a
+new one per call)."""
 
 FAILURES_KEPT = 1000
 """Failures a Report keeps in memory when it does not keep every result."""
@@ -69,6 +75,21 @@ class Result:
         for k, v in self.extra.items():
             rec.setdefault(k, v)
         return rec
+
+    def json_line(self) -> str:
+        """``record()`` as the manifest's JSON text, built directly for the common case
+        (no error, outputs or extra columns): a third of json.dumps's cost per file."""
+        if self.extra or self.outputs or self.error is not None or self.error_type is not None:
+            return encode_record(self.record())
+        q = _encode_str
+        path = "null" if self.path is None else q(self.path)
+        sha = "null" if self.sha256 is None else q(self.sha256)
+        http = "null" if self.http_status is None else str(int(self.http_status))
+        return (f'{{"url": {q(self.url)}, "path": {path}, "status": {q(self.status)}, '
+                f'"bytes": {int(self.bytes)}, "sha256": {sha}, "http_status": {http}, '
+                f'"attempts": {int(self.attempts)}, '
+                f'"elapsed_s": {float(round(self.elapsed_s, 4))!r}, '
+                f'"error_type": null, "error": null, "outputs": []}}')
 
     def fail(self, exc: BaseException) -> Result:
         """Mark this result failed with ``exc`` (in place) and return it."""

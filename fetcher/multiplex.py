@@ -97,7 +97,8 @@ class _Item:
 
 class _Conn:
     __slots__ = ("addrs", "body", "buf", "deadline", "events", "got", "head", "headers",
-                 "http11", "item", "key", "need", "requests", "sock", "state", "status")
+                 "http11", "item", "keep", "key", "need", "requests", "sock", "state",
+                 "status")
 
     def __init__(self, key: Origin, addrs: list[tuple[Any, ...]]) -> None:
         self.key, self.addrs = key, addrs
@@ -108,7 +109,7 @@ class _Conn:
         self.body: bytearray | None = None
         self.got = self.need = self.requests = self.status = 0
         self.headers: Headers | None = None
-        self.http11 = True
+        self.http11 = self.keep = True
         self.item: _Item | None = None
         self.head = b""
         self.deadline = 0.0
@@ -460,13 +461,18 @@ class Multiplexer:
                 return
             if end > MAX_HEAD:
                 raise WireError("protocol", "response head larger than 64 KiB")
-            status, headers, http11 = parse_head(bytes(buf[:end]))
+            raw = bytes(buf[:end])
             del buf[: end + 4]
+            code = raw[9:12]
+            if raw[:7] != b"HTTP/1." or raw[8:9] != b" " or not code.isdigit():
+                parse_head(raw)  # raises the protocol error
+            status = int(code)
             if status >= 200 or status == 101:
                 break  # 1xx interim responses are skipped
-        conn.status, conn.headers, conn.http11 = status, headers, http11
-        length = self._fast_length(conn, headers)
+        conn.status = status
+        length = self._fast_length(conn, raw)
         if length < 0:
+            conn.status, conn.headers, conn.http11 = parse_head(raw)
             self._pass_response(conn)
             return
         body = conn.body = bytearray(length)
@@ -480,20 +486,35 @@ class Multiplexer:
         else:
             self._more_tls(conn)
 
-    def _fast_length(self, conn: _Conn, headers: Headers) -> int:
-        """The body length when the loop finishes this response itself, else -1."""
-        if conn.status != 200 or "transfer-encoding" in headers:
+    def _fast_length(self, conn: _Conn, raw: bytes) -> int:
+        """The body length when the loop finishes this response itself, else -1.
+
+        Reads the few fields it needs straight from the raw head (parsing every header
+        was the loop's costliest Python step); anything unusual, such as a repeated
+        Content-Length or a space before a colon, is left to the full parser on a thread.
+        Sets ``conn.keep`` (whether the connection may be reused) on the way.
+        """
+        if conn.status != 200:
             return -1
-        length = dict.get(headers, "content-length")
-        if length is None or not (length.isascii() and length.isdigit()) \
-                or int(length) > LOOP_BODY_MAX:
+        low = raw.lower()
+        if b"\r\ntransfer-encoding:" in low:
+            return -1
+        length = _field(low, b"\r\ncontent-length:")
+        if length is None or not length.isdigit() or int(length) > LOOP_BODY_MAX:
             return -1
         cfg = self.cfg
-        if cfg.content_disposition and "content-disposition" in headers:
+        if cfg.content_disposition and b"\r\ncontent-disposition:" in low:
             return -1
-        if cfg.expect_type and not type_matches(dict.get(headers, "content-type"),
-                                                cfg.expect_type):
-            return -1
+        if cfg.expect_type:
+            ctype = _field(low, b"\r\ncontent-type:")
+            if ctype is None or not type_matches(ctype.decode("latin-1"), cfg.expect_type):
+                return -1
+        connection = _field(low, b"\r\nconnection:")
+        http11 = raw[5:8] == b"1.1"
+        if connection is None:
+            conn.keep = http11 and b"\r\nconnection:" not in low  # repeated: be safe
+        else:
+            conn.keep = (http11 and b"close" not in connection) or b"keep-alive" in connection
         return int(length)
 
     def _read_body(self, conn: _Conn) -> None:
@@ -520,12 +541,9 @@ class Multiplexer:
     def _complete(self, conn: _Conn) -> None:
         item, body = conn.item, conn.body
         assert item is not None and body is not None
-        headers = conn.headers
-        assert headers is not None
-        conn.item = conn.body = conn.headers = None
+        conn.item = conn.body = None
         self._active.discard(conn)
-        keep = (conn.http11 and "close" not in dict.get(headers, "connection", "").lower()
-                and not conn.buf)
+        keep = conn.keep and not conn.buf
         if keep:
             conn.state = _IDLE
             self._idle.setdefault(conn.key, []).append(conn)
@@ -693,3 +711,14 @@ def _is_ip(host: str) -> bool:
         except OSError:
             pass
     return False
+
+
+def _field(low: bytes, name: bytes) -> bytes | None:
+    """The value of header ``name`` (``b"\\r\\nname:"``) in a lower-cased head; None when
+    it is missing or repeated."""
+    i = low.find(name)
+    if i < 0 or low.find(name, i + len(name)) >= 0:
+        return None
+    start = i + len(name)
+    j = low.find(b"\r\n", start)
+    return low[start:j if j >= 0 else len(low)].strip()

@@ -235,8 +235,14 @@ class Body:
             self.remaining = None
         elif length is not None and length.strip().isdigit():
             self.remaining = int(length)
-        elif length is not None:  # "5, 7": disagreeing lengths; no framing to trust
-            raise WireError("protocol", f"invalid Content-Length {length[:40]!r}")
+        elif length is not None:
+            # "5, 5" (a repeated header) is one length (RFC 9110 8.6); "5, 7" is no
+            # framing to trust.
+            values = {v.strip() for v in length.split(",")}
+            value = values.pop() if len(values) == 1 else ""
+            if not (value.isascii() and value.isdigit()):
+                raise WireError("protocol", f"invalid Content-Length {length[:40]!r}")
+            self.remaining = int(value)
         else:
             self.remaining = None  # read until the server closes
             self.keep_alive = False

@@ -273,3 +273,46 @@ def test_running_out_of_file_descriptors_fails_items_not_the_run(server: TestSer
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == "100"
+
+
+@pytest.mark.parametrize("head", [
+    b"HTTP/1.1 200 OK\r\nCONTENT-LENGTH: 5\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\ncontent-length:5\r\nConnection: Keep-Alive\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nContent-Length:    5   \r\nConnection: close\r\n\r\n",
+    b"HTTP/1.0 200 OK\r\nContent-Length: 5\r\n\r\n",
+    b"HTTP/1.0 200 OK\r\nContent-Length: 5\r\nConnection: keep-alive\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nConnection: close\r\n"
+    b"Content-Length: 5\r\n\r\n",
+])
+def test_response_heads_the_loop_reads_without_a_full_parse(dest: Path, head: bytes) -> None:
+    def answer(sock: socket.socket, n: int, path: str) -> bool:
+        sock.sendall(head + b"hello")
+        return b"close" not in head.lower() and not head.startswith(b"HTTP/1.0 200 OK\r\nC"
+                                                                    b"ontent-Length: 5\r\n\r\n")
+
+    srv = RawServer(answer)
+    try:
+        report = fetch([srv.url(f"/x{i}") for i in range(3)], dest, threads=1, retries=1,
+                       backoff_base=0.01)
+    finally:
+        srv.stop()
+    assert report.ok, report.failures
+    assert all((dest / f"x{i}").read_bytes() == b"hello" for i in range(3))
+    assert all(r.attempts == 1 for r in report.results)
+
+
+def test_disagreeing_content_lengths_fail_the_item(dest: Path) -> None:
+    def answer(sock: socket.socket, n: int, path: str) -> bool:
+        sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 7\r\n\r\nhello")
+        return False
+
+    srv = RawServer(answer)
+    try:
+        report = fetch([srv.url("/bad")], dest, retries=0)
+    finally:
+        srv.stop()
+    result = report.results[0]
+    assert result.error_type == "TransportError"
+    assert "invalid Content-Length '5, 7'" in (result.error or "")
+    assert not (dest / "bad").exists()
