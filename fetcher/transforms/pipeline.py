@@ -45,6 +45,10 @@ def _as_processing_error(exc: BaseException, chain: Sequence[Transform], path: s
                            traceback_text=tb if isinstance(tb, str) else "")
 
 
+_POST_NICE = 5
+"""Niceness of post-processing workers running beside downloads (see ChainTask)."""
+
+
 class PostPipeline:
     """Post-process downloaded files on a process pool, with backpressure.
 
@@ -81,7 +85,7 @@ class PostPipeline:
         def start() -> None:
             try:
                 self._pool_obj = TaskPool(
-                    ChainTask(self.chain, self.dest),
+                    ChainTask(self.chain, self.dest, nice=_POST_NICE),
                     mode="thread" if processes == 0 else "process",
                     workers=n if processes != 0 else 1, max_pending=max_pending)
             except BaseException as exc:

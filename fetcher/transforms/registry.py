@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import multiprocessing
 import os
 import re
 import traceback
@@ -340,11 +341,26 @@ def _apply(t: Transform, path: Path, root: Path) -> list[Path]:
 
 
 class ChainTask:
-    """A picklable ``rel_path -> list[str]`` that runs a chain under ``dest``."""
+    """A picklable ``rel_path -> list[str]`` that runs a chain under ``dest``.
 
-    def __init__(self, chain: Sequence[Transform], dest: Path) -> None:
+    ``nice`` lowers the priority of the worker process that runs it (once per process):
+    post-processing beside downloads uses it, so that on a busy machine the scheduler
+    serves the I/O threads first and the downloads keep their pace.
+    """
+
+    def __init__(self, chain: Sequence[Transform], dest: Path, *, nice: int = 0) -> None:
         self.chain = tuple(chain)
         self.dest = Path(os.path.abspath(dest))
+        self.nice = nice
 
     def __call__(self, rel_path: str) -> list[str]:
+        global _niced
+        if self.nice and not _niced and multiprocessing.parent_process() is not None:
+            _niced = True
+            with contextlib.suppress(OSError):
+                os.nice(self.nice)
         return run_chain(self.chain, rel_path, self.dest)
+
+
+_niced = False
+"""Whether this (worker) process has lowered its priority already."""
