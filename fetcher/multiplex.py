@@ -59,7 +59,15 @@ from .errors import (
 )
 from .http import HttpClient, Origin, Prefetched, redact
 from .models import Job, Result
-from .wire import MAX_HEAD, Connection, Headers, WireError, parse_head, tls_context
+from .wire import (
+    MAX_HEAD,
+    Connection,
+    Headers,
+    WireError,
+    _host_bytes,
+    parse_head,
+    tls_context,
+)
 
 LOOP_BODY_MAX = RESUME_MIN_BYTES
 """Largest body the loop keeps in memory. Larger ones stream on a thread to a partial
@@ -302,8 +310,9 @@ class Multiplexer:
         return None
 
     def _lookup(self, hostport: tuple[str, int]) -> list[tuple[Any, ...]] | None:
+        host, port = hostport
         try:
-            infos = socket.getaddrinfo(*hostport, type=socket.SOCK_STREAM)
+            infos = socket.getaddrinfo(_host_bytes(host), port, type=socket.SOCK_STREAM)
         except OSError:
             self._unresolved[hostport] = time.monotonic() + _DNS_RETRY_S
             addrs = None

@@ -29,6 +29,8 @@ from tests.httpserver import TestServer
 
 distributed = pytest.importorskip("distributed")
 
+from fetcher import cluster as cl  # noqa: E402  (only with distributed installed)
+
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Any]:
@@ -37,6 +39,9 @@ def cluster() -> Iterator[Any]:
     try:
         yield lc
     finally:
+        # Clients fetcher cached for this scheduler go first: left open, they keep
+        # trying to reconnect after it stops (tracebacks and a 20 s wait at exit).
+        cl.shutdown_clients()
         lc.close()
 
 
@@ -198,6 +203,7 @@ def test_parallel_map_dask_isolates_an_item_that_kills_workers() -> None:
         got = parallel_map(die_on_five, range(8), mode="dask", address=lc.scheduler_address,
                            chunksize=4)
     finally:
+        cl.shutdown_clients()
         lc.close()
     assert [g for i, g in enumerate(got) if i != 5] == [0, 1, 2, 3, 4, 6, 7]
     assert isinstance(got[5], WorkerLostError) and got[5].index == 5
@@ -473,8 +479,6 @@ def test_bad_cluster_setups_fail_before_any_download(server: TestServer, dest: P
         fetch([url], dest, cluster=client, content_disposition=True)
     with pytest.raises(ConfigError, match="cannot import"):
         fetch([url], dest, cluster=client, post=["nosuchpkg.mod:fn"])
-    from fetcher import cluster as cl
-
     with pytest.raises(ConfigError, match="cannot reach the Dask scheduler"):
         cl.get_client("tcp://127.0.0.1:9", timeout=1)
     assert server.requests() == []
