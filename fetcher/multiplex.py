@@ -231,7 +231,9 @@ class Multiplexer:
                     if cancel.is_set() or stop_new.is_set():
                         exhausted = True
                         break
-                    item = next(items, None)
+                    started = time.monotonic()
+                    item = next(items, None)  # may journal skips, and wait on --post
+                    self._excuse(time.monotonic() - started)
                     if item is None:
                         exhausted = True
                         break
@@ -584,9 +586,11 @@ class Multiplexer:
                 os.unlink(item.part)
             self._handoff(job, rel, exc)
             return
+        started = time.monotonic()
         self._done(Result(url=item.shown, path=rel, status="ok", bytes=len(body),
                           sha256=digest, http_status=200, attempts=1,
                           elapsed_s=time.monotonic() - item.started), job)
+        self._excuse(time.monotonic() - started)
 
     def _pass_response(self, conn: _Conn) -> None:
         """Hand the open response to a thread (see the module doc)."""
@@ -647,6 +651,14 @@ class Multiplexer:
             return TransportError(f"request failed for {item.shown}: {exc}", url=item.shown)
         return TransportError(f"request failed for {item.shown}: {type(exc).__name__}: "
                               f"{exc}", url=item.shown)
+
+    def _excuse(self, waited: float) -> None:
+        """The loop was busy elsewhere for ``waited`` s (handing a file to a full
+        --post pipeline, say): that silence is not the servers', so every transfer's
+        read timeout starts again."""
+        if waited > 0.05:
+            for conn in self._active:
+                conn.deadline += waited
 
     def _sweep(self, now: float) -> None:
         for conn in [c for c in self._active if c.deadline < now]:

@@ -316,3 +316,14 @@ def test_disagreeing_content_lengths_fail_the_item(dest: Path) -> None:
     assert result.error_type == "TransportError"
     assert "invalid Content-Length '5, 7'" in (result.error or "")
     assert not (dest / "bad").exists()
+
+
+def test_waiting_on_post_processing_does_not_time_out_transfers(server: TestServer,
+                                                                dest: Path) -> None:
+    # One worker, 0.6 s per file, two pending at most: the loop waits ~1 s at a time
+    # to hand over a file, longer than the 0.5 s read timeout of the transfers it holds.
+    urls = [server.add(f"/p{i}.txt", b"text %d" % i) for i in range(8)]
+    report = fetch(urls, dest, threads=4, timeout=0.5, retries=0,
+                   post=["test_transform_helpers:very_slow_copy"], processes=1)
+    assert report.ok, report.failures
+    assert all(r.attempts == 1 for r in report.results)

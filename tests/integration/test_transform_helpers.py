@@ -57,3 +57,8 @@ def kill_on_poison(path: Path, dest: Path) -> Path:
 
 
 NOT_CALLABLE = 42
+
+
+def very_slow_copy(path: Path, dest: Path) -> Path:
+    time.sleep(0.6)
+    return upper_copy(path, dest)
