@@ -120,9 +120,6 @@ class RunContext:
     _active: set[Response] = field(default_factory=set)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _dirs: set[str] = field(default_factory=set)
-    fresh: set[str] = field(default_factory=set)
-    """Directories (relative; "" is DEST) holding only this run's files: created by it,
-    or empty when it started."""
 
     @property
     def partial_dir(self) -> Path:
@@ -162,12 +159,10 @@ class RunContext:
     def exists(self, rel: str) -> bool:
         """Whether something is at ``rel`` (``target`` without building a Path).
 
-        No lstat at all in a directory this run created (or found empty): every name in
-        it is one of this run's, and the NameAllocator never hands a name out twice.
+        The lstat is needed even in a directory this run created: other files (someone
+        else's, or the manifest itself) can appear there during the run.
         """
         parent = rel.rpartition("/")[0]
-        if parent in self.fresh:
-            return False
         if parent and parent not in self._dirs:
             return self.target(rel)[1]
         try:
@@ -183,15 +178,9 @@ class RunContext:
         parent = rel.rpartition("/")[0]
         if parent and parent not in self._dirs:
             path = safe_join(self.dest, rel)  # re-check: the directory may have appeared
-            try:
-                path.parent.mkdir(parents=True)
-                created = True
-            except FileExistsError:
-                created = False
+            path.parent.mkdir(parents=True, exist_ok=True)
             with self._lock:
                 self._dirs.add(parent)
-                if created:
-                    self.fresh.add(parent)
 
     def track(self, resp: Response | None, *, add: bool) -> None:
         if resp is None:

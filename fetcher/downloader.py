@@ -217,8 +217,6 @@ class _Run:
         try:
             self.ctx.partial_dir.mkdir(parents=True, exist_ok=True)
             self.ctx.partials.update(os.listdir(self.ctx.partial_dir))
-            if set(os.listdir(self.dest)) <= {".fetcher"}:
-                self.ctx.fresh.add("")
         except OSError as exc:
             raise ConfigError(f"cannot create output directory {self.dest}: {exc}") from exc
         manifest_path = self.cfg.manifest or self.dest / ".fetcher" / MANIFEST_NAME

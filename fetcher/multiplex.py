@@ -32,6 +32,7 @@ import contextlib
 import errno
 import hashlib
 import os
+import re
 import selectors
 import signal
 import socket
@@ -475,9 +476,11 @@ class Multiplexer:
             raw = bytes(buf[:end])
             del buf[: end + 4]
             code = raw[9:12]
-            if raw[:7] != b"HTTP/1." or raw[8:9] != b" " or not code.isdigit():
-                parse_head(raw)  # raises the protocol error
-            status = int(code)
+            if raw[:9] in (b"HTTP/1.1 ", b"HTTP/1.0 ") and code.isdigit() \
+                    and raw[12:13] in (b" ", b"\r", b""):
+                status = int(code)
+            else:  # anything less plain (HTTP/1.10, no space...): the full parser decides
+                status = parse_head(raw)[0]
             if status >= 200 or status == 101:
                 break  # 1xx interim responses are skipped
         conn.status = status
@@ -505,7 +508,7 @@ class Multiplexer:
         Content-Length or a space before a colon, is left to the full parser on a thread.
         Sets ``conn.keep`` (whether the connection may be reused) on the way.
         """
-        if conn.status != 200:
+        if conn.status != 200 or _UNUSUAL.search(raw):
             return -1
         low = raw.lower()
         if b"\r\ntransfer-encoding:" in low:
@@ -732,6 +735,11 @@ def _is_ip(host: str) -> bool:
         except OSError:
             pass
     return False
+
+
+_UNUSUAL = re.compile(rb"[ \t]:|\r\n[ \t]|\n(?<!\r\n)|\r(?!\n)")
+"""Whitespace before a colon, folded lines, bare CR or LF: heads the raw field lookups
+could read differently from ``wire.parse_head``; those take the full parser."""
 
 
 def _field(low: bytes, name: bytes) -> bytes | None:

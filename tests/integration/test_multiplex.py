@@ -327,3 +327,51 @@ def test_waiting_on_post_processing_does_not_time_out_transfers(server: TestServ
                    post=["test_transform_helpers:very_slow_copy"], processes=1)
     assert report.ok, report.failures
     assert all(r.attempts == 1 for r in report.results)
+
+
+@pytest.mark.parametrize("status_line", [b"HTTP/1.10 200 OK", b"HTTP/1.100 200 OK",
+                                         b"HTTP/1.1 200"])
+def test_unusual_status_lines_are_read_as_the_full_parser_reads_them(
+        dest: Path, status_line: bytes) -> None:
+    def answer(sock: socket.socket, n: int, path: str) -> bool:
+        sock.sendall(status_line + b"\r\nContent-Length: 5\r\n\r\nhello")
+        return True
+
+    srv = RawServer(answer)
+    try:
+        report = fetch([srv.url(f"/s{i}") for i in range(3)], dest, retries=0, timeout=5)
+    finally:
+        srv.stop()
+    assert report.ok, report.failures
+    assert all((dest / f"s{i}").read_bytes() == b"hello" for i in range(3))
+
+
+@pytest.mark.parametrize("field", [b"Transfer-Encoding : chunked",
+                                   b"Transfer-Encoding\t: chunked",
+                                   b"X-Folded: a\r\n Transfer-Encoding: chunked"])
+def test_heads_the_raw_lookup_could_misread_take_the_full_parser(dest: Path,
+                                                                  field: bytes) -> None:
+    framed = b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"
+
+    def answer(sock: socket.socket, n: int, path: str) -> bool:
+        sock.sendall(b"HTTP/1.1 200 OK\r\n" + field + b"\r\nContent-Length: %d\r\n\r\n"
+                     % len(framed) + framed)
+        return False
+
+    srv = RawServer(answer)
+    try:
+        fetch([srv.url("/te")], dest, retries=0, timeout=2)
+    finally:
+        srv.stop()
+    # Whatever the verdict, the chunk framing is never saved as the file's content.
+    saved = dest / "te"
+    assert not saved.exists() or saved.read_bytes() == b"hello world"
+
+
+def test_a_manifest_inside_an_empty_dest_is_never_replaced(server: TestServer,
+                                                           dest: Path) -> None:
+    url = server.add("/log.jsonl", b"not a manifest")
+    report = fetch([url], dest, manifest=dest / "log.jsonl")
+    assert report.ok and report.results[0].path == "log.1.jsonl"
+    record = json.loads((dest / "log.jsonl").read_text().splitlines()[-1])
+    assert record["path"] == "log.1.jsonl"
