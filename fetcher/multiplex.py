@@ -169,7 +169,8 @@ class Multiplexer:
     def _take_back(self) -> None:
         while self._returned:
             key, wired = self._returned.popleft()
-            if wired.buf or len(self._active) + self._n_idle >= self._capacity():
+            unread = wired.buf or (key[0] == "https" and wired.sock.pending())  # type: ignore[attr-defined]
+            if unread or len(self._active) + self._n_idle >= self._capacity():
                 wired.close()
                 continue
             conn = _Conn(key, [])
@@ -659,7 +660,7 @@ class Multiplexer:
         """The loop was busy elsewhere for ``waited`` s (handing a file to a full
         --post pipeline, say): that silence is not the servers', so every transfer's
         read timeout starts again."""
-        if waited > 0.05:
+        if waited > 0.001:  # many short waits add up too
             for conn in self._active:
                 conn.deadline += waited
 
