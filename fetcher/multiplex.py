@@ -32,11 +32,9 @@ import contextlib
 import errno
 import hashlib
 import os
-import re
 import selectors
 import signal
 import socket
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -49,7 +47,6 @@ from .download import (
     _publish,
     _storage_error,
     partial_name,
-    type_matches,
 )
 from .errors import (
     CancelledError,
@@ -59,13 +56,13 @@ from .errors import (
     TruncatedError,
 )
 from .http import HttpClient, Origin, Prefetched, redact
+from .loopio import Resolver, loop_framing, tls_would_block
 from .models import Job, Result
 from .wire import (
     MAX_HEAD,
     Connection,
     Headers,
     WireError,
-    _host_bytes,
     parse_head,
     tls_context,
 )
@@ -76,9 +73,6 @@ file with a resume sidecar, so an interrupted transfer of one resumes."""
 _HEAD_RECV = 64 * 1024
 _TICK = 0.1
 """Longest select wait: how soon a cancel or a timeout is noticed."""
-
-_DNS_RETRY_S = 5.0
-"""After a failed lookup, the host's items go to threads (which retry) this long."""
 _NO_SOCKET: Any = None
 
 # Connection states.
@@ -139,7 +133,7 @@ class Multiplexer:
         self._idle: dict[Origin, list[_Conn]] = {}
         self._active: set[_Conn] = set()
         self._n_idle = 0
-        self._addrs: dict[tuple[str, int], list[tuple[Any, ...]]] = {}
+        self._resolver = Resolver(self.wake)
         self._tls: Any = None
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -147,9 +141,6 @@ class Multiplexer:
         self._sel.register(self._wake_r, _READ, None)
         self._sigint: Callable[[int, Any], None] | None = None
         self._returned: collections.deque[tuple[Origin, Connection]] = collections.deque()
-        self._resolving: set[tuple[str, int]] = set()
-        self._unresolved: dict[tuple[str, int], float] = {}
-        """Hosts whose lookup failed, until when their items go to threads."""
 
     # -- public ----------------------------------------------------------------------
     def wake(self) -> None:
@@ -281,7 +272,7 @@ class Multiplexer:
                 conn = conns.pop()
                 self._n_idle -= 1
             else:
-                addrs = self._addresses(key[1], key[2])
+                addrs = self._resolver.addresses(key[1], key[2])
                 if addrs is None:  # being looked up, or the lookup failed: a thread waits
                     self._handoff(job, rel, None)
                     return
@@ -293,38 +284,6 @@ class Multiplexer:
         self._active.add(conn)
         if conn.state == _IDLE:
             self._send(conn)
-
-    def _addresses(self, host: str, port: int) -> list[tuple[Any, ...]] | None:
-        """Cached addresses of ``host``; None while a lookup runs on another thread.
-
-        Names are never resolved on the loop thread: one slow DNS server would stall
-        every transfer. IP literals need no lookup.
-        """
-        hostport = (host, port)
-        addrs = self._addrs.get(hostport)
-        if addrs is not None:
-            return addrs
-        if _is_ip(host):
-            return self._lookup(hostport)
-        if hostport not in self._resolving and \
-                self._unresolved.get(hostport, 0.0) <= time.monotonic():
-            self._resolving.add(hostport)
-            threading.Thread(target=self._lookup, args=(hostport,), daemon=True,
-                             name="fetcher-dns").start()
-        return None
-
-    def _lookup(self, hostport: tuple[str, int]) -> list[tuple[Any, ...]] | None:
-        host, port = hostport
-        try:
-            infos = socket.getaddrinfo(_host_bytes(host), port, type=socket.SOCK_STREAM)
-        except OSError:
-            self._unresolved[hostport] = time.monotonic() + _DNS_RETRY_S
-            addrs = None
-        else:
-            addrs = self._addrs[hostport] = [(*i[:3], i[4]) for i in infos]
-        self._resolving.discard(hostport)
-        self.wake()
-        return addrs
 
     def _open(self, key: Origin, addrs: list[tuple[Any, ...]], item: _Item) -> _Conn:
         while self._n_idle and len(self._active) + self._n_idle >= self._capacity():
@@ -367,7 +326,7 @@ class Multiplexer:
         except _WOULD_BLOCK:
             n = 0
         except OSError as exc:
-            if not _tls_would_block(exc):
+            if not tls_would_block(exc):
                 self._broken(conn, exc)
                 return
             n = 0
@@ -406,7 +365,7 @@ class Multiplexer:
         except _WOULD_BLOCK:
             pass
         except (OSError, WireError, ItemError) as exc:
-            if not _tls_would_block(exc):
+            if not tls_would_block(exc):
                 self._broken(conn, exc)
 
     def _connected(self, conn: _Conn) -> None:
@@ -420,7 +379,7 @@ class Multiplexer:
             assert conn.item is not None
             self._connect(conn, conn.item)  # e.g. ::1 refused, 127.0.0.1 listening
             return
-        self._addrs[(conn.key[1], conn.key[2])] = [conn.addrs[0]]
+        self._resolver.remember(conn.key[1], conn.key[2], conn.addrs[0])
         conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if conn.key[0] == "https":
             if self._tls is None:
@@ -485,7 +444,8 @@ class Multiplexer:
             if status >= 200 or status == 101:
                 break  # 1xx interim responses are skipped
         conn.status = status
-        length = self._fast_length(conn, raw)
+        length, conn.keep = loop_framing(raw, self.cfg, LOOP_BODY_MAX) if status == 200 \
+            else (-1, False)
         if length < 0:
             conn.status, conn.headers, conn.http11 = parse_head(raw)
             self._pass_response(conn)
@@ -500,37 +460,6 @@ class Multiplexer:
             self._complete(conn)
         else:
             self._more_tls(conn)
-
-    def _fast_length(self, conn: _Conn, raw: bytes) -> int:
-        """The body length when the loop finishes this response itself, else -1.
-
-        Reads the few fields it needs straight from the raw head (parsing every header
-        was the loop's costliest Python step); anything unusual, such as a repeated
-        Content-Length or a space before a colon, is left to the full parser on a thread.
-        Sets ``conn.keep`` (whether the connection may be reused) on the way.
-        """
-        if conn.status != 200 or _UNUSUAL.search(raw):
-            return -1
-        low = raw.lower()
-        if b"\r\ntransfer-encoding:" in low:
-            return -1
-        length = _field(low, b"\r\ncontent-length:")
-        if length is None or not length.isdigit() or int(length) > LOOP_BODY_MAX:
-            return -1
-        cfg = self.cfg
-        if cfg.content_disposition and b"\r\ncontent-disposition:" in low:
-            return -1
-        if cfg.expect_type:
-            ctype = _field(low, b"\r\ncontent-type:")
-            if ctype is None or not type_matches(ctype.decode("latin-1"), cfg.expect_type):
-                return -1
-        connection = _field(low, b"\r\nconnection:")
-        http11 = raw[5:8] == b"1.1"
-        if connection is None:
-            conn.keep = http11 and b"\r\nconnection:" not in low  # repeated: be safe
-        else:
-            conn.keep = (http11 and b"close" not in connection) or b"keep-alive" in connection
-        return int(length)
 
     def _read_body(self, conn: _Conn) -> None:
         body = conn.body
@@ -617,7 +546,7 @@ class Multiplexer:
         assert item is not None
         self._active.discard(conn)
         self._discard(conn)
-        addrs = conn.addrs or self._addresses(conn.key[1], conn.key[2])
+        addrs = conn.addrs or self._resolver.addresses(conn.key[1], conn.key[2])
         if not addrs:
             self._handoff(item.job, item.rel, None)
             return
@@ -720,35 +649,3 @@ class Multiplexer:
 def capacity_of(config: FetchConfig) -> int:
     """Concurrent transfers a run allows (threads, bounded by the window)."""
     return max(1, min(config.threads, config.in_flight))
-
-
-def _tls_would_block(exc: BaseException) -> bool:
-    """An SSL socket's "try again" (ssl is imported only by runs that use https)."""
-    ssl = sys.modules.get("ssl")
-    return ssl is not None and isinstance(exc, (ssl.SSLWantReadError, ssl.SSLWantWriteError))
-
-
-def _is_ip(host: str) -> bool:
-    for family in (socket.AF_INET, socket.AF_INET6):
-        try:
-            socket.inet_pton(family, host)
-            return True
-        except OSError:
-            pass
-    return False
-
-
-_UNUSUAL = re.compile(rb"[ \t]:|\r\n[ \t]|\n(?<!\r\n)|\r(?!\n)")
-"""Whitespace before a colon, folded lines, bare CR or LF: heads the raw field lookups
-could read differently from ``wire.parse_head``; those take the full parser."""
-
-
-def _field(low: bytes, name: bytes) -> bytes | None:
-    """The value of header ``name`` (``b"\\r\\nname:"``) in a lower-cased head; None when
-    it is missing or repeated."""
-    i = low.find(name)
-    if i < 0 or low.find(name, i + len(name)) >= 0:
-        return None
-    start = i + len(name)
-    j = low.find(b"\r\n", start)
-    return low[start:j if j >= 0 else len(low)].strip()
