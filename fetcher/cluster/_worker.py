@@ -15,16 +15,18 @@ import pickle
 import shutil
 import threading
 import uuid
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, Any
 
 from ..config import FetchConfig
 from ..download import PARTIAL_DIR, HostGate, RunContext, download_one, partial_name
 from ..downloader import _post_failed
-from ..errors import CancelledError
-from ..http import HttpClient, redact
-from ..models import Result
+from ..errors import CancelledError, ItemError
+from ..http import HttpClient, Prefetched, redact
+from ..models import Job, Result
+from ..multiplex import Multiplexer, capacity_of, loop_eligible
 
 JOURNAL_DIR = Path(".fetcher") / "cluster"
 """Per-attempt journals of published files (``<run>-<batch>-<attempt>.jsonl``)."""
@@ -181,14 +183,14 @@ def _move(src: Path, dst: Path) -> None:
 
 
 def _run_item(run: _WorkerRun, ctx: _AttemptContext, shared: Path, journal: _Journal,
-              item: _Item) -> Result:
+              item: _Item, first: Prefetched | ItemError | None = None) -> Result:
     """Download one planned item (or take its finished Result) and post-process it."""
     url, rel, sha, resume, done = item
     if done is not None:
         result = done
     else:
         shown = redact(url)
-        if ctx.cancel.is_set() or ctx.stop_new.is_set():  # as a local run's queued items
+        if first is None and (ctx.cancel.is_set() or ctx.stop_new.is_set()):
             why = run.stop_reason or ctx.stop_reason or "interrupted"
             return Result(url=shown, path=rel, status="failed").fail(
                 CancelledError(f"not started ({why}): {shown}", url=shown))
@@ -199,7 +201,7 @@ def _run_item(run: _WorkerRun, ctx: _AttemptContext, shared: Path, journal: _Jou
             _move(shared / meta_name, ctx.attempt_dir / meta_name)
             ctx.partials.add(name)
         try:
-            result = download_one(ctx, run.client(), url, rel, sha)
+            result = download_one(ctx, run.client(), url, rel, sha, first=first)
         except Exception as exc:
             result = Result(url=shown, path=rel, status="failed").fail(exc)
         if result.status == "ok":
@@ -207,6 +209,10 @@ def _run_item(run: _WorkerRun, ctx: _AttemptContext, shared: Path, journal: _Jou
         elif result.status == "failed":  # hand the partial back for a later run to resume
             _move(ctx.attempt_dir / name, shared / name)
             _move(ctx.attempt_dir / meta_name, shared / meta_name)
+    return _post_item(run, ctx, result)
+
+
+def _post_item(run: _WorkerRun, ctx: _AttemptContext, result: Result) -> Result:
     if run.chain and result.status != "failed" and result.path:
         from ..transforms import run_chain
 
@@ -215,6 +221,82 @@ def _run_item(run: _WorkerRun, ctx: _AttemptContext, shared: Path, journal: _Jou
         except Exception as exc:
             _post_failed(result, exc)
     return result
+
+
+def _loop_items(run: _WorkerRun, ctx: _AttemptContext, shared: Path, journal: _Journal,
+                items: list[_Item]) -> list[Future[Result]]:
+    """A batch through ``multiplex.Multiplexer``, as a local run downloads: small files
+    on one thread, everything else handed to the run's threads with the response read.
+
+    Items with a finished Result or a partial to resume go straight to the threads."""
+    futures: list[Future[Result]] = [Future() for _ in items]
+    index: dict[int, int] = {}
+    jobs: list[tuple[Job, str]] = []
+    for i, item in enumerate(items):
+        url, rel, sha, resume, done = item
+        if done is not None or resume:
+            _chain(run.pool.submit(_run_item, run, ctx, shared, journal, item), futures[i])
+            continue
+        job = Job(url=url, path=rel, sha256=sha)
+        index[id(job)] = i
+        jobs.append((job, rel))
+    cap = capacity_of(run.config)
+    handed = [0]
+    lock = threading.Lock()
+
+    def finished(result: Result, job: Job) -> None:
+        i = index[id(job)]
+        if result.status == "ok":
+            journal.write(result.record())
+        if run.chain and result.status == "ok":
+            _chain(run.pool.submit(_post_item, run, ctx, result), futures[i])
+        else:
+            futures[i].set_result(result)
+
+    def handoff(job: Job, rel: str, first: Prefetched | ItemError | None) -> None:
+        i = index[id(job)]
+        with lock:
+            handed[0] += 1
+        _chain(run.pool.submit(handed_item, items[i], first), futures[i])
+
+    def handed_item(item: _Item, first: Prefetched | ItemError | None) -> Result:
+        try:
+            return _run_item(run, ctx, shared, journal, item, first)
+        finally:
+            for key, conn in run.client().take_idle():
+                loop.give_back(key, conn)
+            with lock:
+                handed[0] -= 1
+            loop.wake()
+
+    started: set[int] = set()
+
+    def feed() -> Iterator[tuple[Job, str]]:
+        for job, rel in jobs:
+            started.add(index[id(job)])
+            yield job, rel
+
+    loop = Multiplexer(ctx, capacity=lambda: cap - handed[0], done=finished,
+                       handoff=handoff)
+    loop.run(feed())
+    why = run.stop_reason or ctx.stop_reason or "interrupted"
+    for job, rel in jobs:  # never started (cancelled, or stopped on a full disk)
+        if index[id(job)] not in started:
+            shown = redact(job.url)
+            futures[index[id(job)]].set_result(Result(url=shown, path=rel, status="failed").fail(
+                CancelledError(f"not started ({why}): {shown}", url=shown)))
+    return futures
+
+
+def _chain(source: Future[Result], target: Future[Result]) -> None:
+    def copy(f: Future[Result]) -> None:
+        exc = f.exception()
+        if exc is not None:
+            target.set_exception(exc)
+        else:
+            target.set_result(f.result())
+
+    source.add_done_callback(copy)
 
 
 def _run_batch(spec: _Spec, number: int, packed: bytes | list[_Item]
@@ -237,8 +319,11 @@ def _run_batch(spec: _Spec, number: int, packed: bytes | list[_Item]
         with run._lock:
             run.contexts[id(ctx)] = ctx
         try:
-            futures = [run.pool.submit(_run_item, run, ctx, shared, journal, item)
-                       for item in items]
+            if loop_eligible(spec.config):
+                futures = _loop_items(run, ctx, shared, journal, items)
+            else:
+                futures = [run.pool.submit(_run_item, run, ctx, shared, journal, item)
+                           for item in items]
             results = [f.result() for f in futures]
         finally:
             with run._lock:
