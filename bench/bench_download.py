@@ -499,22 +499,17 @@ def finish(
     rows = [r.as_dict(total_bytes, files, baseline) for r in results]
     summary = ratio_lines(rows, base_name) if base_name else []
     target_rows = []
-    for tool, label, limit in targets:
-        row = next((r for r in rows if r["tool"] == tool), None)
-        value = row["peak_rss_mib"] if row else None
-        verdict = "n/a" if value is None else ("PASS" if value < limit else "FAIL")
-        target_rows.append({"tool": tool, "target": label, "value_mib": value, "verdict": verdict})
-        summary.append(
-            f"target {tool} {label}: {verdict}" + ("" if value is None else f" ({value:.1f} MiB)")
-        )
-    for tool, label, limit in wall_targets:
-        row = next((r for r in rows if r["tool"] == tool), None)
-        value = row["median_wall_s"] if row else None
-        verdict = "n/a" if value is None else ("PASS" if value < limit else "FAIL")
-        target_rows.append({"tool": tool, "target": label, "value_s": value, "verdict": verdict})
-        summary.append(
-            f"target {tool} {label}: {verdict}" + ("" if value is None else f" ({value:.3f} s)")
-        )
+    # (targets, row field, key in the JSON, how a value prints): "below a limit" targets.
+    kinds = [(targets, "peak_rss_mib", "value_mib", "{:.1f} MiB"),
+             (wall_targets, "median_wall_s", "value_s", "{:.3f} s")]
+    for limits, field, key, fmt in kinds:
+        for tool, label, limit in limits:
+            row = next((r for r in rows if r["tool"] == tool), None)
+            value = row[field] if row else None
+            verdict = "n/a" if value is None else ("PASS" if value < limit else "FAIL")
+            target_rows.append({"tool": tool, "target": label, key: value, "verdict": verdict})
+            summary.append(f"target {tool} {label}: {verdict}"
+                           + ("" if value is None else f" ({fmt.format(value)})"))
     for tool, other, key, limit in ratio_targets:
         a = next((r[key] for r in rows if r["tool"] == tool), None)
         b = next((r[key] for r in rows if r["tool"] == other), None)

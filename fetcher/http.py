@@ -139,11 +139,7 @@ class _WireResponse(Response):
         try:
             yield from self._body.chunks(size)
         except WireError as exc:
-            shown = redact(self.url)
-            if exc.kind == "truncated":
-                raise TruncatedError(f"connection broken for {shown}: {exc}",
-                                     url=self.url) from exc
-            raise TransportError(f"transfer failed for {shown}: {exc}", url=self.url) from exc
+            raise self._body_error(exc) from exc
 
     @property
     def fills_buffers(self) -> bool:
@@ -153,11 +149,13 @@ class _WireResponse(Response):
         try:
             return self._body.readinto(buf)
         except WireError as exc:
-            shown = redact(self.url)
-            if exc.kind == "truncated":
-                raise TruncatedError(f"connection broken for {shown}: {exc}",
-                                     url=self.url) from exc
-            raise TransportError(f"transfer failed for {shown}: {exc}", url=self.url) from exc
+            raise self._body_error(exc) from exc
+
+    def _body_error(self, exc: WireError) -> TransportError:
+        shown = redact(self.url)
+        if exc.kind == "truncated":
+            return TruncatedError(f"connection broken for {shown}: {exc}", url=self.url)
+        return TransportError(f"transfer failed for {shown}: {exc}", url=self.url)
 
     def discard(self) -> None:
         body = self._body

@@ -37,6 +37,12 @@ class RawServer:
     def stop(self) -> None:
         self.sock.close()
 
+    def __enter__(self) -> RawServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
     def _accept(self) -> None:
         while True:
             try:

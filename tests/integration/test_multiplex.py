@@ -184,11 +184,8 @@ def test_reset_of_a_reused_connection_is_a_silent_reconnect(dest: Path) -> None:
         time.sleep(0.05)
         return False  # closing with unread data sends a TCP reset, not a FIN
 
-    srv = RawServer(answer_once_then_reset)
-    try:
+    with RawServer(answer_once_then_reset) as srv:
         report = fetch([srv.url(f"/r{i}") for i in range(4)], dest, threads=1, retries=0)
-    finally:
-        srv.stop()
     assert report.ok, report.failures
     assert all(r.attempts == 1 for r in report.results)
 
@@ -201,11 +198,8 @@ def test_interim_responses_restart_the_read_timeout(dest: Path) -> None:
         sock.sendall(ok(b"finally"))
         return True
 
-    srv = RawServer(slow_with_102s)
-    try:
+    with RawServer(slow_with_102s) as srv:
         report = fetch([srv.url("/slow")], dest, retries=0, timeout=0.6)
-    finally:
-        srv.stop()
     assert report.ok, report.failures
     assert (dest / "slow").read_bytes() == b"finally"
 
@@ -218,11 +212,8 @@ def test_hand_offs_give_their_connection_back(dest: Path) -> None:
             sock.sendall(ok(os.urandom(500)))
         return True
 
-    srv = RawServer(mixed)
-    try:
+    with RawServer(mixed) as srv:
         report = fetch([srv.url(f"/h{i}") for i in range(60)], dest, threads=2, retries=0)
-    finally:
-        srv.stop()
     assert report.counts == {"ok": 54, "skipped": 0, "failed": 6}
     assert srv.max_open <= 2  # the 404s went to threads and their sockets came back
     assert srv.connections <= 8
@@ -291,12 +282,9 @@ def test_response_heads_the_loop_reads_without_a_full_parse(dest: Path, head: by
         return b"close" not in head.lower() and not head.startswith(b"HTTP/1.0 200 OK\r\nC"
                                                                     b"ontent-Length: 5\r\n\r\n")
 
-    srv = RawServer(answer)
-    try:
+    with RawServer(answer) as srv:
         report = fetch([srv.url(f"/x{i}") for i in range(3)], dest, threads=1, retries=1,
                        backoff_base=0.01)
-    finally:
-        srv.stop()
     assert report.ok, report.failures
     assert all((dest / f"x{i}").read_bytes() == b"hello" for i in range(3))
     assert all(r.attempts == 1 for r in report.results)
@@ -307,11 +295,8 @@ def test_disagreeing_content_lengths_fail_the_item(dest: Path) -> None:
         sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 7\r\n\r\nhello")
         return False
 
-    srv = RawServer(answer)
-    try:
+    with RawServer(answer) as srv:
         report = fetch([srv.url("/bad")], dest, retries=0)
-    finally:
-        srv.stop()
     result = report.results[0]
     assert result.error_type == "TransportError"
     assert "invalid Content-Length '5, 7'" in (result.error or "")
@@ -337,11 +322,8 @@ def test_unusual_status_lines_are_read_as_the_full_parser_reads_them(
         sock.sendall(status_line + b"\r\nContent-Length: 5\r\n\r\nhello")
         return True
 
-    srv = RawServer(answer)
-    try:
+    with RawServer(answer) as srv:
         report = fetch([srv.url(f"/s{i}") for i in range(3)], dest, retries=0, timeout=5)
-    finally:
-        srv.stop()
     assert report.ok, report.failures
     assert all((dest / f"s{i}").read_bytes() == b"hello" for i in range(3))
 
@@ -358,11 +340,8 @@ def test_heads_the_raw_lookup_could_misread_take_the_full_parser(dest: Path,
                      % len(framed) + framed)
         return False
 
-    srv = RawServer(answer)
-    try:
+    with RawServer(answer) as srv:
         fetch([srv.url("/te")], dest, retries=0, timeout=2)
-    finally:
-        srv.stop()
     # Whatever the verdict, the chunk framing is never saved as the file's content.
     saved = dest / "te"
     assert not saved.exists() or saved.read_bytes() == b"hello world"
