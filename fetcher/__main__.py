@@ -1,6 +1,6 @@
 """``python -m fetcher``."""
 
-from fetcher.cli import main
+from fetcher.entry import main
 
 if __name__ == "__main__":
     main()

@@ -7,19 +7,14 @@ Exit codes: 0 every item ok or skipped; 1 some item failed; 2 bad usage or bad i
 # No `from __future__ import annotations` here: typer would then eval() every
 # option's annotation string at each start (~45 M instructions, ~14 ms).
 import json
-import os
-import signal
-import sys
-import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, NoReturn
+from typing import Annotated
 
 import typer
 
-if TYPE_CHECKING:
-    from .models import Report
+from .entry import EXIT_FAILED, die, err, main, render, run_get
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+__all__ = ["app", "main"]
 
 app = typer.Typer(
     name="fetcher",
@@ -31,72 +26,6 @@ app = typer.Typer(
     # third of the start-up budget, to draw boxes around the same text.
     rich_markup_mode=None,
 )
-
-
-def _err(message: str) -> None:
-    typer.echo(message, err=True)
-
-
-def _die(message: str, code: int = EXIT_USAGE) -> NoReturn:
-    _err(f"fetcher: error: {message}")
-    raise typer.Exit(code)
-
-
-def _parse_headers(values: list[str]) -> dict[str, str]:
-    headers: dict[str, str] = {}
-    for value in values:
-        name, sep, content = value.partition(":")
-        if not sep or not name.strip():
-            _die(f"--header {value!r}: expected 'Name: value'")
-        headers[name.strip()] = content.strip()
-    return headers
-
-
-class _Interrupts:
-    """First Ctrl-C: stop scheduling and wind down. Second: exit at once."""
-
-    def __init__(self, cancel: threading.Event) -> None:
-        self.cancel = cancel
-        self._previous: Any = None
-
-    def __enter__(self) -> "_Interrupts":
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: object) -> None:
-        if self.cancel.is_set():
-            os._exit(EXIT_INTERRUPTED)
-        self.cancel.set()
-        _err("\nfetcher: interrupted; finishing the manifest (Ctrl-C again to quit now)")
-
-    def __exit__(self, *exc: object) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-
-
-def _render(report: "Report", *, as_json: bool, quiet: bool, what: str = "files") -> int:
-    from .progress import human_bytes
-
-    summary = report.summary()
-    if as_json:
-        typer.echo(json.dumps(summary))
-    for shown, failure in enumerate(report.failures):
-        if shown == 20:
-            _err(f"  ... {report.counts['failed'] - 20} more failures in {report.manifest}")
-            break
-        _err(f"  FAILED {failure.url}: {failure.error_type}: {failure.error}")
-    if report.stopped:
-        _err(f"fetcher: stopped starting new items: {report.stopped}")
-    if not quiet or report.failures:
-        secs = summary["elapsed_s"]
-        rate = human_bytes(report.bytes / secs) + "/s" if secs else "-"
-        _err(f"{summary['ok']} ok, {summary['skipped']} skipped, {summary['failed']} failed "
-             f"{what}; {human_bytes(report.bytes)} in {secs:.2f} s ({rate})"
-             + (f"; manifest {report.manifest}" if report.manifest else ""))
-    if report.interrupted:
-        return EXIT_INTERRUPTED
-    return EXIT_OK if report.ok else EXIT_FAILED
 
 
 @app.command()
@@ -119,6 +48,7 @@ def get(
     insecure: Annotated[bool, typer.Option(help="Do not verify TLS certificates.")] = False,
     post: Annotated[list[str] | None, typer.Option(help="Post-process: NAME[:ARGS] or package.module:function (repeatable, chained).")] = None,
     processes: Annotated[int | None, typer.Option(help="Post-processing processes (default: CPU count).")] = None,
+    download_processes: Annotated[int | None, typer.Option(help="Processes sharing the transfers of a long list (default: one per core when that pays; 1: this process only).")] = None,
     sink: Annotated[str | None, typer.Option(help="Also write every manifest record to this sink URL.")] = None,
     sink_table: Annotated[str, typer.Option(help="Table (or shard prefix) the sink writes to.")] = "downloads",
     cluster: Annotated[str | None, typer.Option(help="Dask scheduler address (tcp://host:8786): download and --post on its workers; DIR must be shared by all of them.")] = None,
@@ -126,35 +56,13 @@ def get(
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout.")] = False,
 ) -> None:
     """Download every URL of a list concurrently, with retries, resume and a manifest."""
-    from .config import FetchConfig
-    from .downloader import Fetcher
-    from .errors import ConfigError, SinkError
-    from .progress import TqdmProgress
-
-    try:
-        config = FetchConfig(
-            threads=threads, retries=retries, timeout=timeout, manifest=manifest,
-            on_exists=on_exists,  # type: ignore[arg-type]  # validated by FetchConfig
-            force=force, content_disposition=content_disposition, per_host=per_host,
-            rate=rate, split=split, expect_type=expect_type,
-            headers=_parse_headers(header or []), max_redirects=max_redirects,
-            verify=not insecure, keep_results=False,
-        )
-        fetcher = Fetcher(config, progress=TqdmProgress(disable=True if quiet else None),
-                          post=post or (), processes=processes, sink=sink,
-                          sink_table=sink_table, cluster=cluster)
-        # Everything imported so far lives until exit: moved out of the collector's
-        # sight, the cyclic GC's full passes stop re-walking it thousands of times
-        # during a run of small files (~10% of the CPU of 2,000 x 10 KiB).
-        import gc
-
-        gc.freeze()
-        cancel = threading.Event()
-        with _Interrupts(cancel):
-            report = fetcher.run(urls, output, cancel=cancel)
-    except (ConfigError, SinkError) as exc:  # a sink that cannot open: nothing downloaded
-        _die(str(exc))
-    raise typer.Exit(_render(report, as_json=as_json, quiet=quiet))
+    run_get(urls=urls, output=output, threads=threads, retries=retries, timeout=timeout,
+            manifest=manifest, on_exists=on_exists, force=force,
+            content_disposition=content_disposition, per_host=per_host, rate=rate,
+            split=split, expect_type=expect_type, header=header,
+            max_redirects=max_redirects, insecure=insecure, post=post, processes=processes,
+            download_processes=download_processes, sink=sink, sink_table=sink_table,
+            cluster=cluster, quiet=quiet, as_json=as_json)
 
 
 @app.command()
@@ -174,7 +82,7 @@ def process(
 
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
-        _die(f"not a file: {', '.join(missing[:5])}")
+        die(f"not a file: {', '.join(missing[:5])}")
     try:
         bar = TqdmProgress(disable=True if quiet else None)
         if cluster is not None:
@@ -184,8 +92,8 @@ def process(
         else:
             report = process_paths(paths, post, dest=output, processes=processes, progress=bar)
     except ConfigError as exc:
-        _die(str(exc))
-    raise typer.Exit(_render(report, as_json=as_json, quiet=quiet, what="files processed"))
+        die(str(exc))
+    raise typer.Exit(render(report, as_json=as_json, quiet=quiet, what="files processed"))
 
 
 @app.command()
@@ -206,7 +114,7 @@ def write(
     from .writers import load_file
 
     if not input.is_file() and not (cluster and input.is_dir()):
-        _die(f"input not found: {input}")
+        die(f"input not found: {input}")
     try:
         bar = TqdmProgress(disable=True if quiet else None)
         if cluster is not None:
@@ -219,14 +127,14 @@ def write(
             summary = load_file(input, sink_url, table=table, workers=workers, key=key,
                                 batch_size=batch_size, progress=bar)
     except ConfigError as exc:
-        _die(str(exc))
+        die(str(exc))
     except SinkError as exc:
-        _die(str(exc), EXIT_FAILED)
+        die(str(exc), EXIT_FAILED)
     data = summary.as_dict()
     if as_json:
         typer.echo(json.dumps(data))
     if not quiet:
-        _err(", ".join(f"{k} {v}" for k, v in data.items()))
+        err(", ".join(f"{k} {v}" for k, v in data.items()))
 
 
 @app.command()
@@ -243,13 +151,5 @@ def demo(
     try:
         code = cli_demo(name, quick=quick, plot=plot, as_json=as_json)
     except ConfigError as exc:
-        _die(str(exc))
+        die(str(exc))
     raise typer.Exit(code)
-
-
-def main() -> None:
-    """Console entry point."""
-    try:
-        app()
-    except KeyboardInterrupt:
-        sys.exit(EXIT_INTERRUPTED)

@@ -62,6 +62,10 @@ class FetchConfig:
     """Cap for one backoff delay."""
     retry_after_max: float = 300.0
     """Longest Retry-After honoured; a server asking for more fails the item instead."""
+    download_processes: int | None = None
+    """Processes sharing the transfers (fork, POSIX only): the list is still read, named
+    and journaled by this one. None: one per core, up to 4, for runs of at least
+    ``FANOUT_MIN_ITEMS`` items whose options allow it; 1: this process only."""
     window: int | None = None
     """Jobs in flight at most (submitted, not finished); None means ``4 * threads``."""
     manifest: Path | None = None
@@ -93,6 +97,8 @@ class FetchConfig:
             raise bad("max_redirects", "must be 0 or more")
         if self.chunk_size < 1024:
             raise bad("chunk_size", "must be at least 1024 bytes")
+        if self.download_processes is not None and self.download_processes < 1:
+            raise bad("download_processes", "must be at least 1")
         if self.window is not None and self.window < 1:
             raise bad("window", "must be at least 1")
         if self.auth is not None and not (

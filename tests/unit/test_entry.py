@@ -1,0 +1,138 @@
+"""The typer-free parser of ``fetcher get`` agrees with typer on everything it accepts."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import typer.main
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fetcher.cli import app
+from fetcher.entry import GET_OPTIONS, parse_get
+
+GET = typer.main.get_command(app).commands["get"]  # type: ignore[attr-defined]
+
+
+def _click_kind(param: Any) -> str:
+    if getattr(param, "is_flag", False):
+        return "flag"
+    if param.multiple:
+        return "list"
+    return {"path": "path", "int": "int", "float": "float", "str": "str"}[param.type.name]
+
+
+def test_table_matches_typer_parameters() -> None:
+    options = [p for p in GET.params if p.param_type_name == "option"]
+    ours = {dest: (names, kind, default) for dest, names, kind, default in GET_OPTIONS}
+    assert [p.name for p in options] == [dest for dest, *_ in GET_OPTIONS]
+    for param in options:
+        names, kind, default = ours[param.name]  # type: ignore[index]
+        flat = [n for name in names for n in name.split("/")]
+        assert flat == param.opts + param.secondary_opts, param.name
+        assert kind == _click_kind(param), param.name
+        assert default == param.default, param.name
+    arguments = [p.name for p in GET.params if p.param_type_name == "argument"]
+    assert arguments == ["urls"]
+
+
+def _typer_parse(args: list[str]) -> dict[str, Any] | None:
+    try:
+        ctx = GET.make_context("get", list(args))
+    except Exception:  # click's usage errors, and Exit after --help
+        return None
+    params = dict(ctx.params)
+    for param in GET.params:  # what typer's wrapper makes of click's values
+        value = params[param.name]  # type: ignore[index]
+        if isinstance(value, tuple):
+            params[param.name] = list(value) or None  # type: ignore[index]
+        elif param.type.name == "path" and value is not None:
+            params[param.name] = Path(value)  # type: ignore[index]
+    return params
+
+
+VALUES = st.sampled_from([
+    "0", "1", "16", "-3", "2.5", "x", "", "-", "a b", "--", "-q", "1e3", "0x10", " 7",
+    "\uff11", "out/dir", "X-A: b", "rename", "inf", "1_0", "=", "-o", "--threads",
+])
+NAMES = st.sampled_from(sorted({n for _, names, _, _ in GET_OPTIONS
+                                for name in names for n in name.split("/")})
+                        + ["--help", "--nope", "-x", "-qo"])
+
+
+GOOD = {"int": st.sampled_from(["0", "1", "16", "-3", "007"]),
+        "float": st.sampled_from(["2.5", "0", "-1.0", "30", ".5", "5."]),
+        "path": st.sampled_from(["out", "a/b", "-", ".", "x y"]),
+        "str": st.sampled_from(["rename", "image/*", "-", "a=b", "sqlite:///x.db"]),
+        "list": st.sampled_from(["A: b", "sha256", "thumbnail:64", "-", "x:y=z"])}
+KINDS = {n: kind for _, names, kind, _ in GET_OPTIONS
+         for name in names for n in name.split("/")}
+
+
+@st.composite
+def argvs(draw: st.DrawFn) -> list[str]:
+    """Mostly well-formed command lines (one list argument), some of them not."""
+    args: list[str] = []
+    for _ in range(draw(st.integers(0, 6))):
+        name = draw(NAMES)
+        kind = KINDS.get(name, "str")
+        good = draw(st.integers(0, 9)) < 8
+        value = draw(GOOD[kind] if kind in GOOD and good else VALUES)
+        shape = draw(st.integers(0, 9))
+        if shape == 0:
+            args.append(draw(st.sampled_from(["list.txt", "-", "--"])))
+        elif kind == "flag" or shape == 1:
+            args.append(name)
+        elif shape == 2:
+            args.append(f"{name}={value}")
+        elif shape == 3:
+            args.append(name[:2] + value)
+        else:
+            args += [name, value]
+    if draw(st.integers(0, 9)) < 9:
+        args.insert(draw(st.integers(0, len(args))), "urls.txt")
+    return args
+
+
+@settings(max_examples=1500, deadline=None)
+@given(argvs())
+def test_fast_parse_equals_click_whenever_it_answers(args: list[str]) -> None:
+    fast = parse_get(args)
+    if fast is None:
+        return  # typer decides: the same as without the fast path
+    assert fast == _typer_parse(args), args
+
+
+def test_common_command_lines_take_the_fast_path() -> None:
+    for args in (["urls.txt"], ["urls.txt", "-o", "out", "--threads", "16", "--quiet"],
+                 ["-", "--output=out", "-H", "A: b", "-H", "C: d", "--post", "sha256",
+                  "--timeout", "2.5", "--no-force", "--json"],
+                 ["u.csv", "-oout", "--download-processes", "2", "--", "-"][:-2]):
+        fast = parse_get(args)
+        assert fast is not None, args
+        assert fast == _typer_parse(args), args
+
+
+def test_help_and_mistakes_go_to_typer() -> None:
+    for args in (["--help"], [], ["a", "b"], ["a", "--threads"], ["a", "--threads", "x"],
+                 ["a", "--bogus"], ["a", "--quiet=1"], ["a", "-o", "--threads"]):
+        assert parse_get(args) is None, args
+
+
+def test_console_script_fast_path_skips_typer(tmp_path: Path) -> None:
+    """A real process: `fetcher get` on a bad list never imports typer and still fails
+    with the library's error and exit code 2."""
+    bad = tmp_path / "list.txt"
+    bad.write_text("not a url\n")
+    probe = ("import sys, runpy\n"
+             "sys.argv = ['fetcher', 'get', sys.argv[1], '-o', sys.argv[2], '-q']\n"
+             "try:\n    runpy.run_module('fetcher', run_name='__main__')\n"
+             "finally:\n    print('typer' in sys.modules, file=sys.stderr)\n")
+    done = subprocess.run([sys.executable, "-c", probe, str(bad), str(tmp_path / "o")],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert "list.txt:1" in done.stderr
+    assert done.stderr.strip().endswith("False")
