@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import queue
 import shutil
 import threading
 import time
@@ -298,6 +299,7 @@ class _Run:
             self._drain(pool)
             raise
         finally:
+            pool.shutdown(wait=False)  # after an error: threads end once their items do
             for client in self._clients:
                 client.close()
 
@@ -550,26 +552,48 @@ class _Run:
 
 
 class _Pool:
-    """A thread pool whose threads start on first use (a loop run whose files are all
-    small needs none). The module is imported up front all the same: importing it at
-    the first hand-off can fail when that hand-off is caused by running out of file
-    descriptors."""
+    """Worker threads, started as hand-offs need them (a loop run whose files are all
+    small needs none), at most ``threads``.
+
+    Not concurrent.futures: importing it (and the logging it brings) costs ~6 ms of
+    every start, for futures this pool never hands out. Its few parts are imported up
+    front all the same: an import at the first hand-off can fail when that hand-off is
+    caused by running out of file descriptors.
+    """
 
     def __init__(self, threads: int) -> None:
-        from concurrent.futures import ThreadPoolExecutor
-
-        self._threads = threads
-        self._pool: Any = None
-        self._cls = ThreadPoolExecutor
+        self._max = threads
+        self._tasks: queue.SimpleQueue[tuple[Callable[..., None], tuple[Any, ...]] | None] = \
+            queue.SimpleQueue()
+        self._idle = threading.Semaphore(0)
+        self._threads: list[threading.Thread] = []
+        self._closed = False
 
     def submit(self, fn: Callable[..., None], *args: Any) -> None:
-        if self._pool is None:
-            self._pool = self._cls(self._threads, thread_name_prefix="fetcher")
-        self._pool.submit(fn, *args)
+        self._tasks.put((fn, args))
+        if not self._idle.acquire(blocking=False) and len(self._threads) < self._max:
+            thread = threading.Thread(target=self._serve, name=f"fetcher_{len(self._threads)}")
+            self._threads.append(thread)
+            thread.start()
+
+    def _serve(self) -> None:
+        get = self._tasks.get
+        while (task := get()) is not None:
+            fn, args = task
+            try:
+                fn(*args)  # _work records its own failures; nothing is left to raise
+            finally:
+                self._idle.release()
 
     def shutdown(self, wait: bool = True) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=wait)
+        """Let every thread end after the queued items (non-daemon: exit waits too)."""
+        if not self._closed:
+            self._closed = True
+            for _ in self._threads:
+                self._tasks.put(None)
+        if wait:
+            for thread in self._threads:
+                thread.join()
 
 
 def _post_done(result: Result, future: Future[list[str]]) -> Result:
