@@ -111,6 +111,11 @@ class ToolResult:
     users: list[float] = dataclasses.field(default_factory=list)
     syss: list[float] = dataclasses.field(default_factory=list)
     rss: list[float] = dataclasses.field(default_factory=list)
+    pss: list[float | None] = dataclasses.field(default_factory=list)  # tree PSS per run
+    procs: list[int] = dataclasses.field(default_factory=list)
+    orphan_cpus: list[float] = dataclasses.field(default_factory=list)
+    sampler_cpu_s: float = 0.0  # harness CPU spent sampling this tool's trees
+    sampled_s: float = 0.0  # wall time over which it sampled
     warmup_walls: list[float] = dataclasses.field(default_factory=list)
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -118,9 +123,34 @@ class ToolResult:
     def median_wall(self) -> float | None:
         return common.median(self.walls) if self.status == "ok" else None
 
+    def add_memory(self, timed: common.Timed) -> None:
+        """Record one run's memory (also for failed urllist runs: memory is the point)."""
+        self.rss.append(timed.peak_rss_mib)
+        self.pss.append(timed.tree_pss_mib)
+        self.procs.append(timed.tree_procs)
+
+    def add(self, timed: common.Timed) -> None:
+        """Record one timed, verified run."""
+        self.walls.append(timed.wall_s)
+        self.cpus.append(timed.cpu_s)
+        self.users.append(timed.user_s)
+        self.syss.append(timed.sys_s)
+        self.orphan_cpus.append(timed.orphan_cpu_s)
+        self.add_memory(timed)
+
+    def sampled(self, timed: common.Timed) -> None:
+        self.sampler_cpu_s += timed.sampler_cpu_s
+        self.sampled_s += timed.wall_s
+
+    def mem_per_run(self) -> list[float]:
+        """Per run, the larger of peak RSS and tree PSS (what memory targets are judged on)."""
+        return [max(r, p or 0.0) for r, p in zip(self.rss, self.pss, strict=True)]
+
     def as_dict(self, total_bytes: int, files: int, baseline: float | None) -> dict[str, Any]:
         wall = self.median_wall
         ok = self.status == "ok"
+        mem_ok = bool(self.rss) and (ok or "rss_on_failure" in self.extra)
+        pss = [p for p in self.pss if p is not None]
         return {
             "tool": self.name,
             "status": self.status,
@@ -134,9 +164,18 @@ class ToolResult:
             "median_cpu_s": common.median(self.cpus) if ok else None,
             "median_user_s": common.median(self.users) if ok else None,
             "median_sys_s": common.median(self.syss) if ok else None,
-            "peak_rss_mib": max(self.rss)
-            if self.rss and (ok or "rss_on_failure" in self.extra)
-            else None,
+            # largest single process (GNU time %M), highest over the timed rounds
+            "peak_rss_mib": max(self.rss) if mem_ok else None,
+            # sum of PSS over the command's process tree, sampled ~every 20 ms
+            "peak_tree_pss_mib": max(pss) if mem_ok and pss else None,
+            # the larger of the two: memory targets are judged on this
+            "peak_mem_mib": max(self.mem_per_run()) if mem_ok else None,
+            "rss_mib_per_round": [round(x, 1) for x in self.rss],
+            "tree_pss_mib_per_round": [None if x is None else round(x, 1) for x in self.pss],
+            "tree_procs_max": max(self.procs) if self.procs else None,
+            # CPU of descendants the command never waited for (reaped by the harness);
+            # already included in the CPU figures above
+            "median_orphan_cpu_s": common.median(self.orphan_cpus) if ok else None,
             "throughput_mb_s": (total_bytes / wall / 1e6) if wall and total_bytes else None,
             "files_per_s": (files / wall) if wall and files else None,
             # > 1: fetcher is faster than this tool (this tool's time / fetcher's time)
@@ -175,7 +214,7 @@ def _fetcher_check(*needs: str) -> Callable[[], str | None]:
     def check() -> str | None:
         text = _fetcher_help()
         if text is None:
-            return f"`{' '.join(common.fetcher_cmd()[-2:])} get --help` fails"
+            return f"`{' '.join(common.fetcher_cmd())} get --help` fails"
         missing = [opt for opt in needs if opt not in text]
         return f"fetcher get has no {', '.join(missing)}" if missing else None
 
@@ -184,7 +223,8 @@ def _fetcher_check(*needs: str) -> Callable[[], str | None]:
 
 def _fetcher_version() -> str:
     out = subprocess.run(
-        [sys.executable, "-c", "import fetcher; print(getattr(fetcher, '__version__', '?'))"],
+        [common.prepare_fetcher().python, "-c",
+         "import fetcher; print(getattr(fetcher, '__version__', '?'))"],
         capture_output=True,
         text=True,
         cwd=common.REPO_ROOT,
@@ -355,7 +395,8 @@ def _fmt(v: float | None, spec: str = ".3f") -> str:
 
 def print_table(title: str, rows: list[dict[str, Any]], rate: str | None) -> None:
     """``rate``: an extra column, "MB/s" or "files/s" (or None)."""
-    headers = ["tool", "status", "median s", "min s", "fetcher speed-up", "CPU s", "peak RSS MiB"]
+    headers = ["tool", "status", "median s", "min s", "fetcher speed-up", "CPU s", "peak RSS MiB",
+               "tree PSS MiB"]
     if rate:
         headers.insert(4, rate)
     table = []
@@ -369,6 +410,7 @@ def print_table(title: str, rows: list[dict[str, Any]], rate: str | None) -> Non
             _fmt(r["fetcher_speedup"], ".2f") + ("x" if r["fetcher_speedup"] else ""),
             _fmt(r["median_cpu_s"], ".2f"),
             _fmt(r["peak_rss_mib"], ".1f"),
+            _fmt(r["peak_tree_pss_mib"], ".1f"),
         ]
         if rate:
             key = "throughput_mb_s" if rate == "MB/s" else "files_per_s"
@@ -456,22 +498,30 @@ def run_rounds(
                 problem = common.verify_by_name(ctx.out, expected)
             common.log(
                 f"{suite} {tag}: {t.name:<18} {timed.wall_s:8.3f} s  cpu {timed.cpu_s:6.2f} s  "
-                f"rss {timed.peak_rss_mib:7.1f} MiB  {problem or 'ok'}"
+                f"rss {timed.peak_rss_mib:7.1f} MiB  {_tree_text(timed)}  {problem or 'ok'}"
             )
+            res.sampled(timed)
             if problem:
                 res.status, res.reason = "failed", problem
             elif rnd < settings.warmup:
                 res.warmup_walls.append(timed.wall_s)
             else:
-                res.walls.append(timed.wall_s)
-                res.cpus.append(timed.cpu_s)
-                res.users.append(timed.user_s)
-                res.syss.append(timed.sys_s)
-                res.rss.append(timed.peak_rss_mib)
+                res.add(timed)
             common.empty_dir(ctx.out)
     for t in active:
         shutil.rmtree(ctxs[t.name].out, ignore_errors=True)
     return [results[t.name] for t in tools]
+
+
+def _tree_text(timed: common.Timed) -> str:
+    """The log's view of the tree measures: PSS, processes, samples, orphans."""
+    pss = "-" if timed.tree_pss_mib is None else f"{timed.tree_pss_mib:.1f}"
+    text = f"tree pss {pss} MiB ({timed.tree_procs} procs, {timed.tree_samples} samples)"
+    if timed.orphans:
+        text += f"  {timed.orphans} orphans reaped (cpu {timed.orphan_cpu_s:.2f} s)"
+    if timed.unaccounted:
+        text += f"  {timed.unaccounted} escaped (their CPU is missing)"
+    return text
 
 
 def _slug(name: str) -> str:
@@ -500,16 +550,24 @@ def finish(
     summary = ratio_lines(rows, base_name) if base_name else []
     target_rows = []
     # (targets, row field, key in the JSON, how a value prints): "below a limit" targets.
-    kinds = [(targets, "peak_rss_mib", "value_mib", "{:.1f} MiB"),
+    kinds = [(targets, "peak_mem_mib", "value_mib", "{:.1f} MiB"),
              (wall_targets, "median_wall_s", "value_s", "{:.3f} s")]
     for limits, field, key, fmt in kinds:
         for tool, label, limit in limits:
             row = next((r for r in rows if r["tool"] == tool), None)
             value = row[field] if row else None
             verdict = "n/a" if value is None else ("PASS" if value < limit else "FAIL")
-            target_rows.append({"tool": tool, "target": label, key: value, "verdict": verdict})
-            summary.append(f"target {tool} {label}: {verdict}"
-                           + ("" if value is None else f" ({fmt.format(value)})"))
+            row_info: dict[str, Any] = {"tool": tool, "target": label, key: value,
+                                        "verdict": verdict}
+            shown = "" if value is None else f" ({fmt.format(value)})"
+            if field == "peak_mem_mib" and row:
+                row_info["peak_rss_mib"] = row["peak_rss_mib"]
+                row_info["peak_tree_pss_mib"] = row["peak_tree_pss_mib"]
+                if value is not None:
+                    shown = (f" ({fmt.format(value)}: peak RSS {_fmt(row['peak_rss_mib'], '.1f')},"
+                             f" tree PSS {_fmt(row['peak_tree_pss_mib'], '.1f')} MiB)")
+            target_rows.append(row_info)
+            summary.append(f"target {tool} {label}: {verdict}{shown}")
     for tool, other, key, limit in ratio_targets:
         a = next((r[key] for r in rows if r["tool"] == tool), None)
         b = next((r[key] for r in rows if r["tool"] == other), None)
@@ -525,6 +583,21 @@ def finish(
             f"WARNING: other processes used {load['foreign_cpu_share']:.0%} of the machine's "
             "CPU during this suite: wall times are noisy; compare min s and CPU s too"
         )
+    fetcher = common.prepare_fetcher()
+    sampler_cpu = sum(r.sampler_cpu_s for r in results)
+    sampled = sum(r.sampled_s for r in results)
+    notes = [
+        *notes,
+        fetcher.note,
+        "peak RSS = largest single process (GNU time %M); tree PSS = peak of the PSS summed "
+        "over the command's whole process tree, sampled every ~20 ms (copy-on-write pages "
+        "shared after fork count once); memory targets are judged on the larger of the two",
+        "CPU s = user+sys of the command and every descendant, including ones it never "
+        "waited for (e.g. a multiprocessing forkserver), which the harness reaps itself",
+    ]
+    if sampled:
+        notes.append(f"tree sampling cost the harness {sampler_cpu:.2f} CPU s over {sampled:.1f} s "
+                     f"of runs ({sampler_cpu / sampled:.1%} of one core)")
     title = f"{suite}: " + ", ".join(f"{k}={v}" for k, v in params.items())
     title += f"; {rounds} timed round{'s' * (rounds != 1)} + {settings.warmup} warm-up"
     print_table(title, rows, rate)
@@ -537,6 +610,7 @@ def finish(
         "rounds": rounds,
         "warmup": settings.warmup,
         "baseline": base_name,
+        "fetcher_command": fetcher.as_dict(),
         "machine": common.machine_info(),
         "neighbours": load,
         "tools": rows,
@@ -557,6 +631,15 @@ def _command_tool(name: str, argv: list[str], check: Callable[[], str | None],
     return Tool(name, lambda c: list(argv), check, version, verify=False)
 
 
+def _startup_note() -> str:
+    fetcher = common.prepare_fetcher()
+    if fetcher.kind == "installed":
+        return ("python -c pass is the interpreter's own floor, run with the same venv "
+                "python as fetcher's console script; pip compiled fetcher's bytecode at install")
+    return (f"python -c pass is the interpreter's own floor ({fetcher.python}); "
+            "fetcher's bytecode is precompiled first, as pip install does")
+
+
 def suite_startup(ng: common.Nginx, s: Settings) -> dict[str, Any]:
     rounds = s.rounds or (3 if s.quick else 7)
     files = common.make_file_set(ng.root / "one", 1, 10 * KiB)
@@ -567,7 +650,7 @@ def suite_startup(ng: common.Nginx, s: Settings) -> dict[str, Any]:
                       _fetcher_check(), _fetcher_version),
         fetcher_tool("fetcher get (1 URL)", threads=False),
         curl_single_tool("curl (1 URL)"),
-        _command_tool("python -c pass", [sys.executable, "-c", "pass"],
+        _command_tool("python -c pass", [common.prepare_fetcher().python, "-c", "pass"],
                       lambda: None, lambda: sys.version.split()[0]),
     ]
     params: dict[str, Any] = {"files": 1, "size": "10 KiB"}
@@ -587,8 +670,7 @@ def suite_startup(ng: common.Nginx, s: Settings) -> dict[str, Any]:
         rate=None,
         wall_targets=[("fetcher --help", "wall < 0.3 s", 0.3),
                       ("fetcher get (1 URL)", "wall < 0.5 s", 0.5)],
-        notes=["python -c pass is the interpreter's own floor; fetcher's bytecode is "
-               "precompiled first, as pip install does"],
+        notes=[_startup_note()],
     )
 
 
@@ -657,7 +739,7 @@ def suite_bigfile(ng: common.Nginx, s: Settings) -> dict[str, Any]:
         settings=s,
         rounds=rounds,
         rate="MB/s",
-        targets=[("fetcher", "peak RSS < 100 MiB", 100.0)],
+        targets=[("fetcher", "peak memory < 100 MiB", 100.0)],
         notes=["requests-pool: one requests session, iter_content(64 KiB), for a Python floor"],
     )
 
@@ -748,25 +830,23 @@ def _urllist_run(
             problem = f"{n_files} files on disk, expected {lines}"
     common.log(
         f"urllist {name}: {timed.wall_s:.1f} s cpu {timed.cpu_s:.1f} s "
-        f"rss {timed.peak_rss_mib:.1f} MiB {problem or 'ok'}"
+        f"rss {timed.peak_rss_mib:.1f} MiB {_tree_text(timed)} {problem or 'ok'}"
     )
-    res.rss.append(timed.peak_rss_mib)
+    res.sampled(timed)
     res.extra["lines"] = lines
     if problem:
+        res.add_memory(timed)
         res.status, res.reason = "failed", problem
         res.extra["wall_s_until_stop"] = timed.wall_s
         res.extra["rss_on_failure"] = True  # reported even on timeout: memory is the point
         return res
-    res.walls.append(timed.wall_s)
-    res.cpus.append(timed.cpu_s)
-    res.users.append(timed.user_s)
-    res.syss.append(timed.sys_s)
+    res.add(timed)
     res.extra["urls_per_s"] = lines / timed.wall_s
     return res
 
 
 def suite_urllist(ng: common.Nginx, s: Settings) -> dict[str, Any]:
-    """fetcher's peak RSS and wall time while streaming a 1,000,000-line URL list.
+    """fetcher's peak memory (RSS, tree PSS) and wall time over a 1,000,000-line URL list.
 
     Every URL is distinct and real: nginx answers ``/t/...`` with a 1-byte body
     without touching its disk, so what is measured is fetcher's per-URL cost
@@ -845,20 +925,22 @@ def suite_urllist(ng: common.Nginx, s: Settings) -> dict[str, Any]:
     for i, kind in ((0, "fresh"), (1, "re-run")):
         a, b = results[i], results[i + 2]
         if a.status == "ok" and b.status == "ok" and lines > small:
-            per_line = (b.rss[0] - a.rss[0]) * MiB / (lines - small)
+            # on the larger of peak RSS and tree PSS, as the target is judged
+            mem_a, mem_b = a.mem_per_run()[0], b.mem_per_run()[0]
+            per_line = (mem_b - mem_a) * MiB / (lines - small)
             if per_line <= 0:
                 notes.append(
-                    f"{kind}: peak RSS did not grow with the list "
-                    f"({a.rss[0]:.1f} MiB at {small:,}, {b.rss[0]:.1f} MiB at {lines:,} lines)"
+                    f"{kind}: peak memory did not grow with the list "
+                    f"({mem_a:.1f} MiB at {small:,}, {mem_b:.1f} MiB at {lines:,} lines)"
                 )
                 per_line = 0.0
             else:
                 notes.append(
-                    f"{kind}: peak RSS grows {per_line:,.0f} bytes per line "
+                    f"{kind}: peak memory grows {per_line:,.0f} bytes per line "
                     f"({small:,} -> {lines:,} lines)"
                 )
             if lines < 1_000_000:
-                projections[kind] = b.rss[0] + per_line * (1_000_000 - lines) / MiB
+                projections[kind] = mem_b + per_line * (1_000_000 - lines) / MiB
                 notes.append(
                     f"{kind}: linear PROJECTION to 1,000,000 lines: "
                     f"{projections[kind]:.0f} MiB (not measured)"
@@ -872,10 +954,10 @@ def suite_urllist(ng: common.Nginx, s: Settings) -> dict[str, Any]:
         settings=dataclasses.replace(s, warmup=0),
         rounds=1,
         rate=None,
-        targets=[(r.name, "peak RSS < 200 MiB", 200.0) for r in results[2:]],
+        targets=[(r.name, "peak memory < 200 MiB", 200.0) for r in results[2:]],
         notes=notes,
     )
-    data["projection_1m_rss_mib"] = projections or None
+    data["projection_1m_rss_mib"] = projections or None  # of the larger memory measure
     common.write_json(common.RESULTS_DIR / "urllist.json", data)
     return data
 
@@ -934,6 +1016,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         outputs=common.OutputRoots(args.out, args.work.resolve()),
     )
     t0 = time.perf_counter()
+    common.prepare_fetcher(settings.work)  # builds/updates WORK/venv-fetcher, or falls back
     data_root = settings.work / "data"
     data_root.mkdir(parents=True, exist_ok=True)
     try:

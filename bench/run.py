@@ -89,6 +89,9 @@ def combined_rows(suites: dict[str, Any]) -> list[list[str]]:
                     f"{t['fetcher_speedup']:.2f}x" if t.get("fetcher_speedup") else "-",
                     f"{t['median_cpu_s']:.2f}" if t.get("median_cpu_s") is not None else "-",
                     f"{t['peak_rss_mib']:.1f}" if t.get("peak_rss_mib") is not None else "-",
+                    f"{t['peak_tree_pss_mib']:.1f}"
+                    if t.get("peak_tree_pss_mib") is not None
+                    else "-",
                 ]
             )
     return rows
@@ -136,8 +139,13 @@ def main() -> int:
     print("\n== all benchmarks" + (" (--quick)" if args.quick else ""))
     rows = combined_rows({k: v for k, v in suites.items() if isinstance(v, dict)})
     if rows:
-        headers = ["suite", "tool", "status", "median s", "fetcher speed-up", "CPU s", "RSS MiB"]
+        headers = ["suite", "tool", "status", "median s", "fetcher speed-up", "CPU s", "RSS MiB",
+                   "tree PSS MiB"]
         print_rows(headers, rows)
+    commands = {d["fetcher_command"]["note"] for d in suites.values()
+                if isinstance(d, dict) and isinstance(d.get("fetcher_command"), dict)}
+    for note in sorted(commands):
+        print(f"  {note}")
     for name, data in suites.items():
         summary = data.get("summary") if isinstance(data, dict) else None
         if isinstance(summary, list):
