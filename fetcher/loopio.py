@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import re
 import socket
 import sys
 import threading
@@ -81,16 +80,22 @@ def loop_framing(raw: bytes, cfg: FetchConfig, limit: int) -> tuple[int, bool]:
     the loop's costliest Python step). Anything unusual (whitespace before a colon,
     folded lines, bare CR or LF, a repeated Content-Length, a Transfer-Encoding) is left
     to the full parser on a thread, so both paths always frame a response alike.
+
+    ``find`` rather than ``in`` throughout: on Python 3.11 ``bytes in bytes`` first
+    tries the needle as an integer and builds and drops a TypeError every time.
     """
-    if _UNUSUAL.search(raw):
+    if _unusual(raw):
         return -1, False
     low = raw.lower()
-    if b"\r\ntransfer-encoding:" in low:
+    if low.find(b"\r\ntransfer-encoding:") >= 0:
         return -1, False
     length = _field(low, b"\r\ncontent-length:")
-    if length is None or not length.isdigit() or int(length) > limit:
+    if length is None or not length.isdigit():
         return -1, False
-    if cfg.content_disposition and b"\r\ncontent-disposition:" in low:
+    size = int(length)
+    if size > limit:
+        return -1, False
+    if cfg.content_disposition and low.find(b"\r\ncontent-disposition:") >= 0:
         return -1, False
     if cfg.expect_type:
         ctype = _field(low, b"\r\ncontent-type:")
@@ -99,10 +104,10 @@ def loop_framing(raw: bytes, cfg: FetchConfig, limit: int) -> tuple[int, bool]:
     connection = _field(low, b"\r\nconnection:")
     http11 = raw[5:8] == b"1.1"
     if connection is None:
-        keep = http11 and b"\r\nconnection:" not in low  # repeated: be safe
+        keep = http11 and low.find(b"\r\nconnection:") < 0  # repeated: be safe
     else:
-        keep = (http11 and b"close" not in connection) or b"keep-alive" in connection
-    return int(length), keep
+        keep = (http11 and connection.find(b"close") < 0) or connection.find(b"keep-alive") >= 0
+    return size, keep
 
 
 def tls_would_block(exc: BaseException) -> bool:
@@ -121,17 +126,30 @@ def _is_ip(host: str) -> bool:
     return False
 
 
-_UNUSUAL = re.compile(rb"[ \t]:|\r\n[ \t]|\n(?<!\r\n)|\r(?!\n)")
-"""Whitespace before a colon, folded lines, bare CR or LF: heads the raw field lookups
-could read differently from ``wire.parse_head``."""
+def _unusual(raw: bytes) -> bool:
+    """Whitespace before a colon, folded lines, bare CR or LF: heads the raw field lookups
+    could read differently from ``wire.parse_head``.
+
+    Substring scans, not a regex: one with look-arounds cost ~8 us a head. Every CR is
+    followed by an LF and every LF preceded by a CR exactly when the three counts agree;
+    heads rarely hold a tab, and one memchr for it spares two scans.
+    """
+    crlf = raw.count(b"\r\n")
+    if raw.count(b"\r") != crlf or raw.count(b"\n") != crlf:
+        return True
+    if raw.find(b"\t") >= 0 and (raw.find(b"\t:") >= 0 or raw.find(b"\r\n\t") >= 0):
+        return True
+    return raw.find(b" :") >= 0 or raw.find(b"\r\n ") >= 0
 
 
 def _field(low: bytes, name: bytes) -> bytes | None:
     """The value of header ``name`` (``b"\\r\\nname:"``) in a lower-cased head; None when
     it is missing or repeated."""
     i = low.find(name)
-    if i < 0 or low.find(name, i + len(name)) >= 0:
+    if i < 0:
         return None
     start = i + len(name)
+    if low.find(name, start) >= 0:
+        return None
     j = low.find(b"\r\n", start)
-    return low[start:j if j >= 0 else len(low)].strip()
+    return (low[start:j] if j >= 0 else low[start:]).strip()
