@@ -58,9 +58,9 @@ VALUES = st.sampled_from([
     "0", "1", "16", "-3", "2.5", "x", "", "-", "a b", "--", "-q", "1e3", "0x10", " 7",
     "\uff11", "out/dir", "X-A: b", "rename", "inf", "1_0", "=", "-o", "--threads",
 ])
-NAMES = st.sampled_from(sorted({n for _, names, _, _ in GET_OPTIONS
-                                for name in names for n in name.split("/")})
-                        + ["--help", "--nope", "-x", "-qo"])
+NAMES = st.sampled_from([*sorted({n for _, names, _, _ in GET_OPTIONS
+                                  for name in names for n in name.split("/")}),
+                         "--help", "--nope", "-x", "-qo"])
 
 
 GOOD = {"int": st.sampled_from(["0", "1", "16", "-3", "007"]),
