@@ -10,6 +10,10 @@ from typing import Any, Literal
 
 from .errors import ConfigError
 
+FANOUT_MIN_ITEMS = 256
+"""Shortest list that is shared among download processes when ``download_processes`` is
+not set: below it, forking costs more than it saves."""
+
 OnExists = Literal["rename", "skip", "overwrite", "error"]
 ON_EXISTS: tuple[str, ...] = ("rename", "skip", "overwrite", "error")
 

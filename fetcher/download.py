@@ -61,6 +61,9 @@ class HostGate:
         self._sems: dict[str, threading.BoundedSemaphore] = {}
         self._next: dict[str, float] = {}
         self._paused: dict[str, float] = {}
+        self.on_pause: Callable[[str, float], None] | None = None
+        """Told of every pause this gate starts (host, until on the monotonic clock):
+        a fan-out worker passes pauses on to the other processes of the run."""
 
     @contextlib.contextmanager
     def slot(self, host: str) -> Iterator[None]:
@@ -98,9 +101,17 @@ class HostGate:
 
     def pause(self, host: str, seconds: float) -> None:
         """Hold every thread's next request to ``host`` for ``seconds`` (Retry-After)."""
+        self.pause_until(host, time.monotonic() + seconds)
+
+    def pause_until(self, host: str, until: float, *, announce: bool = True) -> None:
+        """Hold requests to ``host`` until ``until`` (``time.monotonic()``, which every
+        process of the machine shares); ``announce`` tells ``on_pause`` if it grew."""
         with self._lock:
-            until = time.monotonic() + seconds
-            self._paused[host] = max(self._paused.get(host, 0.0), until)
+            grew = until > self._paused.get(host, 0.0)
+            if grew:
+                self._paused[host] = until
+        if grew and announce and self.on_pause is not None:
+            self.on_pause(host, until)
 
 
 @dataclass
@@ -117,6 +128,9 @@ class RunContext:
     """Partial file names present when the run started (resume candidates)."""
     clients: list[HttpClient] = field(default_factory=list)
     """Every thread's client, so an interrupt can break requests not yet answered."""
+    on_stop: Callable[[str], None] | None = None
+    """Told the reason when ``stop`` first takes effect (a fan-out worker tells its
+    parent, which stops the others)."""
     _active: set[Response] = field(default_factory=set)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _dirs: set[str] = field(default_factory=set)
@@ -194,9 +208,12 @@ class RunContext:
     def stop(self, reason: str) -> None:
         """Start no new items (the first reason is kept); in-flight items finish."""
         with self._lock:
-            if self.stop_reason is None:
+            first = self.stop_reason is None
+            if first:
                 self.stop_reason = reason
         self.stop_new.set()
+        if first and self.on_stop is not None:
+            self.on_stop(reason)
 
     def abort_all(self) -> None:
         """Break every in-flight transfer so threads notice cancellation at once."""

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from .config import FetchConfig
+from .config import FANOUT_MIN_ITEMS, FetchConfig
 from .download import HostGate, RunContext, SkipExisting, download_one
 from .errors import (
     CancelledError,
@@ -212,9 +212,11 @@ class _Run:
         self.published: ManifestWriter | None = None
         self.manifest: ManifestWriter | None = None
         self._ended = threading.Event()
+        self._fanout: Any = None
+        self._accountant: Callable[[Result, dict[str, Any] | None], None] = self._account
 
     # -- setup -------------------------------------------------------------------------
-    def _open(self, stack: contextlib.ExitStack) -> ManifestWriter:
+    def _open(self, stack: contextlib.ExitStack, total: int | None) -> ManifestWriter:
         try:
             self.ctx.partial_dir.mkdir(parents=True, exist_ok=True)
             self.ctx.partials.update(os.listdir(self.ctx.partial_dir))
@@ -230,6 +232,14 @@ class _Run:
         manifest = ManifestWriter(manifest_path)
         stack.callback(manifest.close)
         self.report.manifest = str(manifest_path)
+        self.manifest = manifest
+        # Forked here, with the journal open and before the sink's or the progress bar's
+        # threads exist: a child inherits no lock another thread might hold.
+        width = self._fanout_width(total)
+        if width > 1:
+            from .fanout import Fanout
+
+            self._fanout = stack.enter_context(Fanout(self, width))
         # The sink opens before and closes after the post-processing pipeline (the stack
         # unwinds in reverse), so records of items still being processed are not lost.
         if self.fetcher.sink:
@@ -268,10 +278,10 @@ class _Run:
     # -- the run -------------------------------------------------------------------------
     def execute(self, jobs: Iterable[Job], total: int | None) -> Report:
         started = time.monotonic()
-        self.progress.start(total, unit="file", desc="fetch")
         try:
             with contextlib.ExitStack() as stack:
-                self.manifest = self._open(stack)
+                self.manifest = self._open(stack, total)
+                self.progress.start(total, unit="file", desc="fetch")
                 self._run_items(jobs, total)
         finally:
             self._ended.set()
@@ -285,12 +295,17 @@ class _Run:
         """Download every planned item on this machine (cluster.py overrides).
 
         Runs the selector loop of ``multiplex.py`` with the thread pool behind it for
-        what the loop hands over, or the thread pool alone when options need it.
+        what the loop hands over, or the thread pool alone when options need it; or,
+        for a long list on several cores, plans here and hands the transfers to the
+        processes of ``fanout.py``.
         """
+        if self._fanout is not None:
+            self._fanout.run(self._planned(jobs))
+            return
         pool = _Pool(self.cfg.threads)
         try:
             if loop_eligible(self.cfg):
-                self._multiplex(jobs, pool)
+                self._multiplex(self._planned(jobs), pool)
             else:
                 self._schedule(jobs, pool)
             self._drain(pool)
@@ -331,8 +346,21 @@ class _Run:
                     return
             pool.submit(self._work, job, item)
 
-    def _multiplex(self, jobs: Iterable[Job], pool: _Pool) -> None:
-        cap = capacity_of(self.cfg)
+    def _fanout_width(self, total: int | None) -> int:
+        """Processes to share the transfers among (1: this one alone)."""
+        if self.fetcher.post or self.cfg.content_disposition or not loop_eligible(self.cfg):
+            return 1  # naming by the server, and --post's process pool, stay here
+        if self.cfg.download_processes is None and (total or 0) < FANOUT_MIN_ITEMS:
+            return 1  # (without importing fanout.py)
+        from .fanout import fanout_width
+
+        return fanout_width(self.cfg, total)
+
+    def _multiplex(self, items: Iterator[tuple[Job, str]], pool: _Pool, *,
+                   share: int | None = None, feed: Any = None) -> None:
+        """The loop over ``items`` (planned already), on ``share`` connections (default:
+        the run's), with ``pool`` behind it; ``feed`` as ``Multiplexer`` takes it."""
+        cap = share if share is not None else capacity_of(self.cfg)
         lock = threading.Lock()
         handed = [0]
 
@@ -357,11 +385,12 @@ class _Run:
                 handed[0] -= 1
             loop.wake()
 
-        loop = Multiplexer(self.ctx, capacity=capacity, done=done, handoff=handoff)
+        loop = Multiplexer(self.ctx, capacity=capacity, done=done, handoff=handoff,
+                           feed=feed)
         self._slot_done, self._looped = slot_done, True
         watcher = threading.Thread(target=self._watch_cancel, daemon=True)
         watcher.start()
-        loop.run(self._planned(jobs))
+        loop.run(items)
 
     def _planned(self, jobs: Iterable[Job]) -> Iterator[tuple[Job, str]]:
         """Items that need a transfer, with --on-exists applied (for the loop)."""
@@ -529,6 +558,8 @@ class _Run:
         self._record(result)
 
     def _record(self, result: Result) -> None:
+        """Journal the item, then account for it (``_account``, or a fan-out worker's
+        report to its parent)."""
         record = result.record() if self.writer is not None else None
         assert self.manifest is not None
         try:
@@ -538,17 +569,29 @@ class _Run:
                 self.manifest.write(record)
         except OSError as exc:  # a full disk: keep counting, start nothing new
             self.ctx.stop(f"cannot write the manifest {self.manifest.path}: {exc}")
+        self._accountant(result, record)
+
+    def _account(self, result: Result, record: dict[str, Any] | None) -> None:
+        """Sink, count and report a journaled item."""
         if self.writer is not None and not self._sink_failed:
             from .errors import SinkError
 
             try:
-                self.writer.write(record)
+                self.writer.write(record if record is not None else result.record())
             except SinkError as exc:  # the downloads are fine; the run stops loading
                 self._sink_failed = True
                 self.ctx.stop(f"sink failed: {exc}")
         with self._lock:
             self.report.add(result, keep=self.cfg.keep_results)
         self.progress.update(1, nbytes=result.bytes if result.status == "ok" else 0)
+
+    def _count_ok(self, n: int, nbytes: int) -> None:
+        """Account for ``n`` items downloaded elsewhere (a fan-out worker) and journaled
+        there, when neither the sink nor the Report needs them one by one."""
+        with self._lock:
+            self.report.counts["ok"] += n
+            self.report.bytes += nbytes
+        self.progress.update(n, nbytes=nbytes)
 
 
 class _Pool:

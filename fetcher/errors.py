@@ -16,7 +16,8 @@
     │   ├── StorageError              the disk refused (full, read-only)
     │   ├── TargetExistsError         a foreign file is at the target (--on-exists error)
     │   ├── ProcessingError           a --post transform failed (.transform)
-    │   └── CancelledError            the run was interrupted before the item ended
+    │   ├── CancelledError            the run was interrupted before the item ended
+    │   └── DownloadProcessError      the download process running the item died
     ├── BatchFailedError              Report.raise_for_failures() (.failures)
     ├── TaskError                     parallel_map item failed (.item, .original, .traceback_text)
     │   └── WorkerLostError           the worker process died (SIGKILL, OOM)
@@ -155,6 +156,11 @@ class ProcessingError(ItemError):
 
 class CancelledError(ItemError):
     """The run was interrupted before this item finished."""
+
+
+class DownloadProcessError(ItemError):
+    """The forked download process running the item died (killed, out of memory) before
+    reporting it; the file may or may not have been published. A re-run settles it."""
 
 
 class BatchFailedError(FetcherError):

@@ -115,6 +115,9 @@ class Report:
     manifest: str | None = None
     sink: dict[str, Any] | None = None
     """The sink writer's summary (rows, batches, seconds), when a sink was given."""
+    processes: int = 1
+    """Processes that shared the transfers (more than one for long lists on several
+    cores: ``FetchConfig.download_processes``)."""
 
     def add(self, result: Result, *, keep: bool = True) -> None:
         """Count ``result``; keep it in ``results`` when ``keep``.
@@ -154,7 +157,7 @@ class Report:
             "bytes_per_s": round(self.bytes / secs, 1) if secs > 0 else None,
             "files_per_s": round(self.counts["ok"] / secs, 1) if secs > 0 else None,
             "interrupted": self.interrupted, "stopped": self.stopped,
-            "manifest": self.manifest, "sink": self.sink,
+            "manifest": self.manifest, "sink": self.sink, "processes": self.processes,
         }
 
     def raise_for_failures(self) -> None:

@@ -82,6 +82,10 @@ _WOULD_BLOCK = (BlockingIOError, InterruptedError)
 
 Handoff = Callable[[Job, str, Prefetched | ItemError | None], None]
 
+WAIT: Any = ("wait",)
+"""What an item source yields when it has nothing yet but is not exhausted (the items
+of a fan-out worker arrive from its parent; see ``fanout.py``)."""
+
 
 def loop_eligible(config: FetchConfig) -> bool:
     """Whether a run can use the loop: options it does not implement keep threads."""
@@ -122,7 +126,11 @@ class Multiplexer:
     """Runs items on up to ``capacity`` connections from one thread (see module doc)."""
 
     def __init__(self, ctx: RunContext, *, capacity: Callable[[], int],
-                 done: Callable[[Result, Job], None], handoff: Handoff) -> None:
+                 done: Callable[[Result, Job], None], handoff: Handoff,
+                 feed: Any = None) -> None:
+        """``feed``, if given, is watched beside the connections: ``feed.pump()`` runs
+        when its ``fileno()`` is readable and ``feed.tick()`` after every round of
+        events (a fan-out worker's link to its parent)."""
         self.ctx = ctx
         self.cfg = ctx.config
         self._capacity = capacity
@@ -139,7 +147,9 @@ class Multiplexer:
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         self._sel.register(self._wake_r, _READ, None)
-        self._sigint: Callable[[int, Any], None] | None = None
+        self._feed = feed
+        if feed is not None:
+            self._sel.register(feed.fileno(), _READ, feed)
         self._returned: collections.deque[tuple[Origin, Connection]] = collections.deque()
 
     # -- public ----------------------------------------------------------------------
@@ -183,35 +193,10 @@ class Multiplexer:
         and KeyboardInterrupt is raised after that, never between a file's publish
         and its manifest line. A second Ctrl-C interrupts at once.
         """
-        interrupted = self._catch_sigint()
-        try:
+        with SigintCancels(self.ctx.cancel, self.wake) as sigint:
             self._run(items)
-        finally:
-            self._release_sigint()
-        if interrupted:
+        if sigint.hits:
             raise KeyboardInterrupt
-
-    def _catch_sigint(self) -> list[int]:
-        hits: list[int] = []
-        if threading.current_thread() is not threading.main_thread() \
-                or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
-            return hits
-
-        def on_sigint(signum: int, frame: Any) -> None:
-            hits.append(signum)
-            self.ctx.cancel.set()
-            signal.signal(signal.SIGINT, signal.default_int_handler)  # the next one raises
-            self.wake()
-
-        signal.signal(signal.SIGINT, on_sigint)
-        self._sigint = on_sigint
-        return hits
-
-    def _release_sigint(self) -> None:
-        if self._sigint is not None:
-            if signal.getsignal(signal.SIGINT) is self._sigint:
-                signal.signal(signal.SIGINT, signal.default_int_handler)
-            self._sigint = None
 
     def _run(self, items: Iterator[tuple[Job, str]]) -> None:
         ctx, sel = self.ctx, self._sel
@@ -230,19 +215,28 @@ class Multiplexer:
                     if item is None:
                         exhausted = True
                         break
+                    if item is WAIT:
+                        break
                     self._begin(*item)
                 if cancel.is_set():
                     break
                 if exhausted and not self._active:
                     return
+                feed = self._feed
                 for key, mask in sel.select(_TICK):
                     conn = key.data
                     if conn is None:
                         with contextlib.suppress(OSError):
                             self._wake_r.recv(4096)
                         self._take_back()
+                    elif conn is feed:
+                        feed.pump()
                     else:
                         self._step(conn, mask)
+                if feed is not None:
+                    started = time.monotonic()
+                    feed.tick()  # may wait for a busy parent: not the servers' silence
+                    self._excuse(time.monotonic() - started)
                 now = time.monotonic()
                 if now >= next_sweep:
                     next_sweep = now + _TICK
@@ -644,6 +638,35 @@ class Multiplexer:
         self._sel.close()
         self._wake_r.close()
         self._wake_w.close()
+
+
+class SigintCancels:
+    """While active in the main thread under Python's default SIGINT handler, a first
+    Ctrl-C sets ``cancel`` (and calls ``wake``) instead of raising wherever the main
+    thread happens to be; ``hits`` says whether it came. The next one raises."""
+
+    def __init__(self, cancel: threading.Event, wake: Callable[[], None]) -> None:
+        self._cancel, self._wake = cancel, wake
+        self.hits = 0
+        self._handler: Callable[[int, Any], None] | None = None
+
+    def __enter__(self) -> SigintCancels:
+        if threading.current_thread() is threading.main_thread() \
+                and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            self._handler = self._on_sigint
+            signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        self.hits += 1
+        self._cancel.set()
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # the next one raises
+        self._wake()
+
+    def __exit__(self, *exc: object) -> None:
+        if self._handler is not None and signal.getsignal(signal.SIGINT) is self._handler:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+        self._handler = None
 
 
 def capacity_of(config: FetchConfig) -> int:

@@ -78,6 +78,7 @@ class _Handler(BaseHTTPRequestHandler):
         path = self.path
         with srv.lock:
             srv.log.append((path, dict(self.headers.items())))
+            srv.times.append((path, time.monotonic()))
             route = srv.routes.get(path.split("?")[0])
             fault = route.script.popleft() if route and route.script else None
             if route is not None:
@@ -208,6 +209,7 @@ class _Server(ThreadingHTTPServer):
         pass  # clients hanging up mid-response are part of the tests
     routes: dict[str, Route]
     log: list[tuple[str, dict[str, str]]]
+    times: list[tuple[str, float]]
     lock: threading.Lock
     connections: int
     active: int
@@ -230,6 +232,7 @@ class TestServer:
             self._srv.socket = ctx.wrap_socket(self._srv.socket, server_side=True)
         self._srv.routes = {}
         self._srv.log = []
+        self._srv.times = []
         self._srv.lock = threading.Lock()
         self._srv.connections = self._srv.active = self._srv.max_active = 0
         self._thread = threading.Thread(target=self._srv.serve_forever, args=(0.05,),
@@ -279,9 +282,15 @@ class TestServer:
         """Most requests served at the same moment."""
         return self._srv.max_active
 
+    def times(self) -> list[tuple[str, float]]:
+        """(path, time.monotonic()) of every request as it arrived."""
+        with self._srv.lock:
+            return list(self._srv.times)
+
     def clear_log(self) -> None:
         with self._srv.lock:
             self._srv.log.clear()
+            self._srv.times.clear()
 
 
 if __name__ == "__main__":  # a standalone server for subprocess tests

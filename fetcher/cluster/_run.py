@@ -86,12 +86,15 @@ class _ClusterRun(_Run):
         self._fresh: dict[str, bool] = {}  # directory -> held nothing when first planned
 
     # -- planning (client) ----------------------------------------------------------
-    def _open(self, stack: contextlib.ExitStack) -> Any:
-        manifest = super()._open(stack)
+    def _open(self, stack: contextlib.ExitStack, total: int | None) -> Any:
+        manifest = super()._open(stack, total)
         jdir = self.dest / JOURNAL_DIR
         with contextlib.suppress(OSError):  # (the base class loaded them into the index)
             self._journals = sorted(jdir.glob("*.jsonl"))
         return manifest
+
+    def _fanout_width(self, total: int | None) -> int:
+        return 1  # the cluster's workers are the fan-out
 
     def _finish(self, result: Result) -> None:
         if self.post and result.status != "failed" and result.path:

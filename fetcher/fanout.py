@@ -1,0 +1,485 @@
+"""A long list of small files on every core: one run's transfers shared by forked processes.
+
+On one core the small-file loop (``multiplex.py``) spends ~50 us of interpreter time
+per file, so a run of thousands of small files is bound by one CPU while the others
+idle. Threads cannot help (the GIL), so the transfers go to ``width`` forked worker
+processes, each running the same loop with its own thread pool behind it on its share
+of the ``--threads`` connections.
+
+What must be decided in one place stays in this (the parent) process: reading the
+list, naming every item (collision-free names in list order), skips and
+``--on-exists``, the Report, the progress bar and the sink. The parent feeds planned
+items to whichever worker has the most room, at most ``2 x share`` outstanding each.
+A worker downloads, verifies and publishes exactly as a single-process run does and
+appends each item's manifest line itself, right after publishing, on the descriptor
+it inherited (``O_APPEND``, one ``write`` a line, so lines of several processes never
+interleave and a crash leaves no published file unjournaled). It reports back only
+what the parent counts: sequence numbers of items that ended ok, and whole Results for
+failures, or for every item when the sink or ``keep_results`` needs them.
+
+Run-wide state crosses over as messages: Retry-After pauses (a pause one worker is
+told of holds the host in every process), a stop (full disk) and cancellation.
+Workers ignore SIGINT; the parent's Ctrl-C cancels them, and a parent that dies
+(EOF on the link) cancels them too. A worker that dies fails its outstanding items
+with ``DownloadProcessError``; the others go on.
+
+Messages are pickles with a 4-byte length, over one socketpair per worker. The parent
+never blocks on a worker (non-blocking sends, buffered); a worker's sends block only
+while the parent is busy, which its read timeouts forgive (``Multiplexer._excuse``).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import os
+import pickle
+import selectors
+import signal
+import socket
+import struct
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from .config import FANOUT_MIN_ITEMS, FetchConfig
+from .errors import DownloadProcessError
+from .http import redact
+from .models import Job, Result
+from .multiplex import WAIT, SigintCancels
+from .progress import NullProgress
+
+if TYPE_CHECKING:
+    from .downloader import _Run
+
+FANOUT_MAX = 4
+"""Most worker processes chosen automatically: past this the parent's planning (~15 us
+an item) limits the run, not the workers."""
+_LEN = struct.Struct("!I")
+_PICKLE = pickle.HIGHEST_PROTOCOL
+_BUF = 1 << 20
+"""Socket buffer size each way: room for thousands of reports, so a worker rarely waits."""
+_RECV = 64 * 1024
+_QUIT_GRACE = 10.0
+"""Seconds a cancelled worker gets to journal its items and exit before it is killed."""
+
+
+def fanout_width(cfg: FetchConfig, total: int | None) -> int:
+    """How many processes share a run's transfers (1: this one alone).
+
+    ``download_processes`` decides when set. Otherwise: one per available core (up to
+    ``FANOUT_MAX``) for lists of at least ``FANOUT_MIN_ITEMS``, and only while this
+    process runs no other thread (forking a threaded program is safe only for code
+    that takes none of their locks, which a library cannot promise for its caller).
+    """
+    if not hasattr(os, "fork"):
+        return 1
+    wanted = cfg.download_processes
+    if wanted is None:
+        if total is None or total < FANOUT_MIN_ITEMS or threading.active_count() > 1:
+            return 1
+        try:
+            cores = len(os.sched_getaffinity(0))
+        except (AttributeError, OSError):
+            cores = os.cpu_count() or 1
+        wanted = min(cores, FANOUT_MAX)
+    return max(1, min(wanted, cfg.threads))
+
+
+def _frame(message: tuple[Any, ...]) -> bytes:
+    data = pickle.dumps(message, _PICKLE)
+    return _LEN.pack(len(data)) + data
+
+
+class _Inbox:
+    """Bytes from a socket in, whole messages out."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def messages(self, data: bytes) -> list[tuple[Any, ...]]:
+        buf = self._buf
+        buf += data
+        out: list[tuple[Any, ...]] = []
+        start = 0
+        while len(buf) - start >= 4:
+            (size,) = _LEN.unpack_from(buf, start)
+            if len(buf) - start - 4 < size:
+                break
+            out.append(pickle.loads(buf[start + 4:start + 4 + size]))
+            start += 4 + size
+        del buf[:start]
+        return out
+
+
+# -- the parent ---------------------------------------------------------------------------
+
+class _Child:
+    __slots__ = ("done", "inbox", "index", "items", "limit", "out", "pid", "sock")
+
+    def __init__(self, index: int, pid: int, sock: socket.socket, limit: int) -> None:
+        self.index, self.pid, self.sock, self.limit = index, pid, sock, limit
+        self.inbox = _Inbox()
+        self.out = bytearray()
+        self.items: dict[int, tuple[Job, str]] = {}
+        """Items sent and not yet reported, by sequence number."""
+        self.done = False
+
+
+class Fanout:
+    """The parent's side: forks the workers (on entry), feeds them, folds in their
+    reports, and reaps them (on exit, killing any still there after a grace time)."""
+
+    def __init__(self, run: _Run, width: int) -> None:
+        self.owner = run
+        self.width = width
+        self.children: list[_Child] = []
+        self._seq = 0
+        self._full = run.cfg.keep_results or bool(run.fetcher.sink)
+        self._sel = selectors.DefaultSelector()
+
+    def __enter__(self) -> Fanout:
+        threads = self.owner.cfg.threads
+        shares = [threads // self.width + (i < threads % self.width)
+                  for i in range(self.width)]
+        for stream in (sys.stdout, sys.stderr):  # nothing buffered is written twice
+            with contextlib.suppress(Exception):
+                stream.flush()
+        self.owner.report.processes = self.width
+        try:
+            for index, share in enumerate(shares):
+                self._fork(index, share)
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def _fork(self, index: int, share: int) -> None:
+        ours, theirs = socket.socketpair()
+        for sock in (ours, theirs):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _BUF)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _BUF)
+        pid = os.fork()
+        if pid == 0:  # the worker: never returns
+            code = 70
+            try:
+                ours.close()
+                for other in self.children:  # their EOF must mean *their* parent died
+                    other.sock.close()
+                code = _Worker(self.owner, theirs, share, self._full).serve()
+            except BaseException:
+                with contextlib.suppress(BaseException):
+                    import traceback
+
+                    os.write(2, traceback.format_exc().encode(errors="replace"))
+            finally:
+                os._exit(code)
+        theirs.close()
+        ours.setblocking(False)
+        # 4 x share in all is the run's window (4 x threads). Items go in batches of at
+        # least half of that, reports come back by the share: few wake-ups each way.
+        child = _Child(index, pid, ours, limit=max(2, 4 * share))
+        self.children.append(child)
+        self._sel.register(ours, selectors.EVENT_READ, child)
+
+    def run(self, items: Iterator[tuple[Job, str]]) -> None:
+        """Plan (``items``), dispatch and account until every worker has ended.
+
+        Under Python's default SIGINT handler a Ctrl-C cancels the run as the CLI's
+        does and is raised as KeyboardInterrupt once the workers have journaled.
+        """
+        with SigintCancels(self.owner.ctx.cancel, lambda: None) as sigint:
+            self._run(items)
+        if sigint.hits:
+            raise KeyboardInterrupt
+
+    def _run(self, items: Iterator[tuple[Job, str]]) -> None:
+        ctx = self.owner.ctx
+        exhausted = told_cancel = False
+        cancel_at = 0.0
+        while any(not c.done for c in self.children):
+            if not exhausted:
+                exhausted = self._fill(items)
+            if ctx.cancel.is_set() and not told_cancel:
+                told_cancel, cancel_at = True, time.monotonic()
+                self._broadcast(("cancel",))
+            for key, mask in self._sel.select(0.1):
+                child: _Child = key.data
+                if mask & selectors.EVENT_WRITE:
+                    self._send(child)
+                if mask & selectors.EVENT_READ:
+                    self._receive(child)
+            if told_cancel and time.monotonic() - cancel_at > _QUIT_GRACE:
+                for child in self.children:
+                    if not child.done:
+                        with contextlib.suppress(OSError):
+                            os.kill(child.pid, signal.SIGKILL)
+
+    def _fill(self, items: Iterator[tuple[Job, str]]) -> bool:
+        """Plan items into the workers' room; True once the list is exhausted."""
+        ctx = self.owner.ctx
+        live = [c for c in self.children if not c.done]
+        batches: dict[_Child, list[tuple[int, str, str, str | None, Any]]] = {}
+        while live:
+            if ctx.cancel.is_set() or ctx.stop_new.is_set():
+                for target, batch in batches.items():  # not sent: never started
+                    for entry in batch:
+                        del target.items[entry[0]]
+                self._end_all()
+                return True
+            child = max(live, key=lambda c: c.limit - len(c.items))
+            room = child.limit - len(child.items)
+            if room <= 0 or (2 * room < child.limit and child not in batches):
+                break
+            item = next(items, None)  # plans: may journal skips and failures here
+            if item is None:
+                for target, batch in batches.items():
+                    self._queue(target, ("items", batch))
+                self._end_all()
+                return True
+            job, rel = item
+            self._seq += 1
+            child.items[self._seq] = item
+            batches.setdefault(child, []).append(
+                (self._seq, job.url, rel, job.sha256, job.extra or None))
+        for target, batch in batches.items():
+            self._queue(target, ("items", batch))
+        if not live:
+            ctx.stop("every download process died")
+            return True
+        return False
+
+    def _end_all(self) -> None:
+        self._broadcast(("end",))
+
+    def _broadcast(self, message: tuple[Any, ...], *, skip: _Child | None = None) -> None:
+        for child in self.children:
+            if child is not skip and not child.done:
+                self._queue(child, message)
+
+    def _queue(self, child: _Child, message: tuple[Any, ...]) -> None:
+        if child.done:
+            return
+        child.out += _frame(message)
+        self._send(child)
+
+    def _send(self, child: _Child) -> None:
+        try:
+            while child.out:
+                sent = child.sock.send(child.out)
+                del child.out[:sent]
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError:
+            child.out.clear()  # it is gone: its EOF is on the way
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if child.out else 0)
+        with contextlib.suppress(KeyError, ValueError):
+            self._sel.modify(child.sock, events, child)
+
+    def _receive(self, child: _Child) -> None:
+        try:
+            data = child.sock.recv(_RECV)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._ended(child)
+            return
+        run = self.owner
+        for message in child.inbox.messages(data):
+            kind = message[0]
+            if kind == "results":
+                _, oks, ok_bytes, results = message
+                for seq in oks:
+                    del child.items[seq]
+                if oks:
+                    run._count_ok(len(oks), ok_bytes)
+                for seq, result in results:
+                    del child.items[seq]
+                    run._account(result, result.record() if run.writer is not None
+                                 else None)
+            elif kind == "pause":
+                _, host, until = message
+                run.ctx.gate.pause_until(host, until, announce=False)
+                self._broadcast(message, skip=child)
+            elif kind == "stop":
+                if not run.ctx.stop_new.is_set():
+                    run.ctx.stop(message[1])
+                    self._broadcast(message, skip=child)
+            elif kind == "done":
+                for seq in message[1]:  # queued there, never started: like unplanned items
+                    child.items.pop(seq, None)
+
+    def _ended(self, child: _Child) -> None:
+        """EOF from a worker: it has exited, or died; reap it, fail what it still had."""
+        child.done = True
+        with contextlib.suppress(KeyError, ValueError):
+            self._sel.unregister(child.sock)
+        child.sock.close()
+        status = _reap(child.pid)
+        if not child.items:
+            return
+        why = f"download process {child.index + 1} (pid {child.pid}) {status}"
+        for job, rel in child.items.values():
+            shown = redact(job.url)
+            result = Result(url=shown, path=rel, status="failed", extra=job.extra)
+            self.owner._record(result.fail(DownloadProcessError(f"{why}: {shown}", url=shown)))
+        child.items.clear()
+
+    def __exit__(self, *exc: object) -> None:
+        """Reap every worker: after a normal run they have exited already; after an error
+        here, closing their links cancels them, and stragglers are killed."""
+        for child in self.children:
+            if not child.done:
+                with contextlib.suppress(OSError):
+                    child.sock.close()
+        deadline = time.monotonic() + _QUIT_GRACE
+        for child in self.children:
+            if not child.done:
+                child.done = True
+                _reap(child.pid, until=deadline)
+        self._sel.close()
+
+
+def _reap(pid: int, *, until: float | None = None) -> str:
+    """Wait for ``pid`` (killing it at ``until``); how it ended, in words."""
+    while True:
+        try:
+            done, status = os.waitpid(pid, os.WNOHANG if until is not None else 0)
+        except ChildProcessError:
+            return "ended"
+        if done:
+            break
+        if until is not None and time.monotonic() > until:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+            until = None
+            continue
+        time.sleep(0.01)
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        with contextlib.suppress(ValueError):
+            return f"was killed by {signal.Signals(sig).name}"
+        return f"was killed by signal {sig}"
+    return f"exited with status {os.WEXITSTATUS(status)}"
+
+
+# -- a worker -----------------------------------------------------------------------------
+
+class _Worker:
+    """One forked download process: the loop, fed by the parent, reporting back."""
+
+    def __init__(self, run: _Run, sock: socket.socket, share: int, full: bool) -> None:
+        self.run, self.sock, self.share, self.full = run, sock, share, full
+        self.inbox = _Inbox()
+        self.queue: collections.deque[tuple[Job, str]] = collections.deque()
+        self.seqs: dict[tuple[str, str], int] = {}
+        self.ended = False
+        self._lock = threading.Lock()  # results come from the pool's threads too
+        self._send_lock = threading.Lock()
+        self._oks: list[int] = []
+        self._ok_bytes = 0
+        self._results: list[tuple[int, Result]] = []
+        self._sent_at = 0.0
+
+    def serve(self) -> int:
+        """Run until the parent says the list has ended (or cancels, or dies)."""
+        from .downloader import _Pool
+
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides about Ctrl-C
+        run, ctx = self.run, self.run.ctx
+        run.progress = NullProgress()
+        run.writer = None  # the parent's sink; its threads are not here anyway
+        run._accountant = self._account
+        ctx.on_stop = lambda reason: self._send(("stop", reason))
+        ctx.gate.on_pause = lambda host, until: self._send(("pause", host, until))
+        pool = _Pool(self.share)
+        try:
+            run._multiplex(self, pool, share=self.share, feed=self)
+        finally:
+            run._drain(pool)
+            for client in run._clients:
+                client.close()
+        self.tick(flush=True)
+        self._send(("done", [self.seqs.pop(key) for key in list(self.seqs)]))
+        return 0
+
+    # The item source the loop pulls from (an iterator that may say WAIT).
+    def __iter__(self) -> Iterator[tuple[Job, str]]:
+        return self
+
+    def __next__(self) -> tuple[Job, str]:
+        if self.queue:
+            return self.queue.popleft()
+        if self.ended:
+            raise StopIteration
+        return WAIT  # type: ignore[no-any-return]
+
+    # What the loop calls (see Multiplexer's ``feed``).
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def pump(self) -> None:
+        """The parent wrote: take items and notices."""
+        try:
+            data = self.sock.recv(_RECV)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        ctx = self.run.ctx
+        if not data:  # the parent is gone: stop as a Ctrl-C would, keep partial files
+            self.ended = True
+            ctx.cancel.set()
+            ctx.abort_all()
+            return
+        for message in self.inbox.messages(data):
+            kind = message[0]
+            if kind == "items":
+                for seq, url, rel, sha256, extra in message[1]:
+                    job = Job(url, None, sha256, extra or {})
+                    self.seqs[(redact(url) if "@" in url else url, rel)] = seq
+                    self.queue.append((job, rel))
+            elif kind == "end":
+                self.ended = True
+            elif kind == "cancel":
+                ctx.cancel.set()
+                ctx.abort_all()
+            elif kind == "stop":
+                ctx.stop(message[1])
+            elif kind == "pause":
+                ctx.gate.pause_until(message[1], message[2], announce=False)
+
+    def tick(self, *, flush: bool = False) -> None:
+        """After each round of the loop: report what ended, once there is a share's
+        worth, or the queue runs low, or it has waited 20 ms (the progress bar)."""
+        with self._lock:
+            count = len(self._oks) + len(self._results)
+            if not count:
+                return
+            now = time.monotonic()
+            if not (flush or count >= self.share or 2 * len(self.queue) < self.share
+                    or now - self._sent_at >= 0.02):
+                return
+            message = ("results", self._oks, self._ok_bytes, self._results)
+            self._oks, self._ok_bytes, self._results = [], 0, []
+            self._sent_at = now
+        self._send(message)
+
+    def _account(self, result: Result, record: dict[str, Any] | None) -> None:
+        """Instead of the Report: note the journaled item for the parent."""
+        with self._lock:
+            seq = self.seqs.pop((result.url, result.path or ""))
+            if result.status == "ok" and not self.full:
+                self._oks.append(seq)
+                self._ok_bytes += result.bytes
+            else:
+                self._results.append((seq, result))
+
+    def _send(self, message: tuple[Any, ...]) -> None:
+        data = _frame(message)
+        with self._send_lock, contextlib.suppress(OSError):  # no parent: pump() sees EOF
+            self.sock.sendall(data)
