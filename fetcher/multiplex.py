@@ -113,7 +113,7 @@ class _Conn:
         self.state = _CONNECTING
         self.events = 0
         self.buf = bytearray()
-        self.body: bytearray | None = None
+        self.body: bytearray | memoryview | None = None
         self.got = self.need = self.requests = self.status = 0
         self.headers: Headers | None = None
         self.http11 = self.keep = True
@@ -416,19 +416,26 @@ class Multiplexer:
                 return
             raise WireError("closed", "connection closed before the response head")
         conn.deadline = time.monotonic() + self.cfg.timeout
-        buf = conn.buf
-        buf += data
+        if conn.buf:  # the head came in pieces
+            conn.buf += data
+            data = bytes(conn.buf)
+            conn.buf.clear()
+        # A small response arrives whole in one read: head and body are sliced out of
+        # ``data`` (no bytearray, no copies), and only a body still on its way gets a
+        # buffer of its own.
+        pos = 0
         while True:
-            end = buf.find(b"\r\n\r\n")
+            end = data.find(b"\r\n\r\n", pos)
             if end < 0:
-                if len(buf) > MAX_HEAD:
+                if len(data) - pos > MAX_HEAD:
                     raise WireError("protocol", "response head larger than 64 KiB")
+                conn.buf += memoryview(data)[pos:]
                 self._more_tls(conn)
                 return
-            if end > MAX_HEAD:
+            if end - pos > MAX_HEAD:
                 raise WireError("protocol", "response head larger than 64 KiB")
-            raw = bytes(buf[:end])
-            del buf[: end + 4]
+            raw = data[pos:end]
+            pos = end + 4
             code = raw[9:12]
             if raw[:9] in (b"HTTP/1.1 ", b"HTTP/1.0 ") and code.isdigit() \
                     and raw[12:13] in (b" ", b"\r", b""):
@@ -440,24 +447,29 @@ class Multiplexer:
         conn.status = status
         length, conn.keep = loop_framing(raw, self.cfg, LOOP_BODY_MAX) if status == 200 \
             else (-1, False)
+        here = len(data) - pos
         if length < 0:
+            if here:
+                conn.buf += memoryview(data)[pos:]  # the thread reads the body from here
             conn.status, conn.headers, conn.http11 = parse_head(raw)
             self._pass_response(conn)
             return
-        body = conn.body = bytearray(length)
-        take = min(len(buf), length)
-        body[:take] = buf[:take]
-        del buf[:take]
-        conn.got, conn.need = take, length
         conn.state = _BODY
-        if take == length:
+        if here >= length:
+            conn.body = memoryview(data)[pos:pos + length]
+            if here > length:  # bytes beyond the body: this connection is not reused
+                conn.buf += memoryview(data)[pos + length:]
+            conn.got = conn.need = length
             self._complete(conn)
-        else:
-            self._more_tls(conn)
+            return
+        body = conn.body = bytearray(length)
+        body[:here] = memoryview(data)[pos:]
+        conn.got, conn.need = here, length
+        self._more_tls(conn)
 
     def _read_body(self, conn: _Conn) -> None:
         body = conn.body
-        assert body is not None
+        assert isinstance(body, bytearray)
         n = conn.sock.recv_into(memoryview(body)[conn.got:], conn.need - conn.got)
         if not n:
             raise WireError("truncated", f"connection closed with {conn.need - conn.got} "
