@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import os
 import queue
-import shutil
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -129,6 +128,7 @@ def _prepare(urls: UrlSource,
              stack: contextlib.ExitStack) -> tuple[Iterable[Job], int | None]:
     """Validate the whole list up front where it can be read twice; count it."""
     if isinstance(urls, str) and urls == "-":
+        import shutil
         import sys
         import tempfile
 
