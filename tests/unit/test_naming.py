@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import os
+import re
 import threading
 import tracemalloc
 from pathlib import Path
+from urllib.parse import unquote
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fetcher import naming
 from fetcher.errors import UnsafePathError
 from fetcher.naming import (
     NameAllocator,
@@ -374,3 +377,92 @@ def test_allocator_never_gives_one_path_to_two_urls(ops: list[tuple[str, str, bo
         owner[got] = url
         if reserve:
             assert got not in on_disk
+
+
+# --- the fast paths return what the general code returned -----------------------------
+
+_OLD_BAD_CHARS_RE = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+_OLD_DRIVE_RE = re.compile(r"[A-Za-z]:")
+
+
+def _reference_clean_segment(segment: str) -> str:
+    name = unquote(segment, errors="replace") if "%" in segment else segment
+    name = name.replace("/", "_").replace("\\", "_")
+    if _OLD_BAD_CHARS_RE.search(name):
+        name = _OLD_BAD_CHARS_RE.sub("_", name)
+    return name
+
+
+def _reference_path_from_url(url: str) -> str:
+    """path_from_url as it was before its fast path (regexes compiled at import)."""
+    rest = url.partition("://")[2] if "://" in url else url
+    end = len(rest)
+    for ch in "?#":
+        i = rest.find(ch)
+        if i != -1 and i < end:
+            end = i
+    rest = rest[:end]
+    slash = rest.find("/")
+    raw = rest[slash + 1:].split("/") if slash != -1 else [""]
+    parts: list[str] = []
+    for segment in raw:
+        name = _reference_clean_segment(segment)
+        if name == "..":
+            if parts:
+                parts.pop()
+        elif name and name != ".":
+            parts.append(name)
+    if _reference_clean_segment(raw[-1]) in ("", ".", ".."):
+        parts.append("index.html")
+    if parts[0].casefold() == ".fetcher":
+        parts[0] = "_" + parts[0]
+    if _OLD_DRIVE_RE.match(parts[0]):
+        parts[0] = parts[0][0] + "_" + parts[0][2:]
+    try:
+        return naming._join_checked(parts, path=url, url=url)
+    except UnsafePathError:
+        return f"_long/{naming._digest(url):016x}/{naming._fit_component(parts[-1])}"
+
+
+_url_segment = st.one_of(
+    st.sampled_from(["", ".", "..", ".x", "a", "b.txt", "%2e", "%2E%2e", "%2F", "%41", "%",
+                     "%zz", "c:", ".fetcher", "a\\b", "\x00", "\x7f", "\u00e9", "?q", "#f"]),
+    st.text(alphabet=st.one_of(st.sampled_from(list("/\\.:%2eEfFaC?#_- \x00\x9f\u0130")),
+                               st.characters(codec="utf-8")), max_size=8),
+)
+_url_path_text = st.lists(_url_segment, max_size=6).map("/".join)
+
+
+@settings(max_examples=1500, deadline=None)
+@given(st.sampled_from(["http://h", "https://h:8080", "HTTP://u@h", "", "h"]),
+       st.sampled_from(["/", "//", "/c:", "/.fetcher", "/.FETCHER/", "?/", "/a"]),
+       st.integers(0, 300), _url_path_text)
+def test_path_from_url_equals_the_general_code(base: str, head: str, n: int,
+                                               text: str) -> None:
+    for url in (base + head + text, base + "/" + "x" * n + text, base + "/" + text,
+                base + "/" + "\u00e9" * (n // 2) + text):
+        assert path_from_url(url) == _reference_path_from_url(url), url
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.text(alphabet=st.one_of(st.sampled_from(list("aZ:\x00\x1f\x7f\x9f\xa0")),
+                                  st.characters()), max_size=6))
+def test_character_checks_equal_the_regexes(text: str) -> None:
+    assert naming._has_bad_chars(text) == bool(_OLD_BAD_CHARS_RE.search(text))
+    assert naming._is_drive(text) == bool(_OLD_DRIVE_RE.match(text))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 40), st.integers(0, 9), st.booleans()),
+                max_size=60))
+def test_digest_table_put_new_is_get_then_put(ops: list[tuple[int, int, bool]]) -> None:
+    table, model = naming.DigestTable(8), {}
+    for key, value, new in ops:
+        if new:
+            assert table.put_new(key, value) == model.get(key)
+            model.setdefault(key, value)
+        else:
+            table.put(key, value)
+            model[key] = value
+        assert len(table) == len(model)
+    assert all(table.get(k) == v for k, v in model.items())
