@@ -21,7 +21,6 @@ import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -114,26 +113,33 @@ class HostGate:
             self.on_pause(host, until)
 
 
-@dataclass
 class RunContext:
-    """State shared by every download of one run."""
+    """State shared by every download of one run.
 
-    config: FetchConfig
-    dest: Path
-    gate: HostGate
-    cancel: threading.Event = field(default_factory=threading.Event)
-    stop_new: threading.Event = field(default_factory=threading.Event)
-    stop_reason: str | None = None
-    partials: set[str] = field(default_factory=set)
-    """Partial file names present when the run started (resume candidates)."""
-    clients: list[HttpClient] = field(default_factory=list)
-    """Every thread's client, so an interrupt can break requests not yet answered."""
-    on_stop: Callable[[str], None] | None = None
-    """Told the reason when ``stop`` first takes effect (a fan-out worker tells its
-    parent, which stops the others)."""
-    _active: set[Response] = field(default_factory=set)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
-    _dirs: set[str] = field(default_factory=set)
+    A plain class, not a dataclass: generating a dataclass's methods costs ~1 ms of
+    every start, and this one is internal (the cluster's attempts subclass it).
+    """
+
+    def __init__(self, *, config: FetchConfig, dest: Path, gate: HostGate,
+                 cancel: threading.Event | None = None,
+                 stop_new: threading.Event | None = None,
+                 clients: list[HttpClient] | None = None,
+                 dirs: set[str] | None = None) -> None:
+        self.config, self.dest, self.gate = config, dest, gate
+        self.cancel = cancel if cancel is not None else threading.Event()
+        self.stop_new = stop_new if stop_new is not None else threading.Event()
+        self.stop_reason: str | None = None
+        self.partials: set[str] = set()
+        """Partial file names present when the run started (resume candidates)."""
+        self.clients: list[HttpClient] = clients if clients is not None else []
+        """Every thread's client, so an interrupt can break requests not yet answered."""
+        self.on_stop: Callable[[str], None] | None = None
+        """Told the reason when ``stop`` first takes effect (a fan-out worker tells its
+        parent, which stops the others)."""
+        self._active: set[Response] = set()
+        self._lock = threading.Lock()
+        self._dirs: set[str] = dirs if dirs is not None else set()
+        """Directories below DEST checked (no symlink on the way) during this run."""
 
     @property
     def partial_dir(self) -> Path:
@@ -322,15 +328,16 @@ def download_one(ctx: RunContext, client: HttpClient, url: str, rel: str,
     return result.fail(last)
 
 
-@dataclass(frozen=True, slots=True)
 class _Transfer:
-    size: int
-    sha256: str
-    status: int
-    rel: str
-    """Where to publish (Content-Disposition may have changed it)."""
-    sidecar: bool
-    """Whether a resume sidecar may exist and needs removing."""
+    """What one successful attempt got. ``rel``: where to publish (Content-Disposition
+    may have changed it); ``sidecar``: whether a resume sidecar may need removing."""
+
+    __slots__ = ("rel", "sha256", "sidecar", "size", "status")
+
+    def __init__(self, size: int, sha256: str, status: int, rel: str, *,
+                 sidecar: bool) -> None:
+        self.size, self.sha256, self.status, self.rel = size, sha256, status, rel
+        self.sidecar = sidecar
 
 
 def _attempt(ctx: RunContext, client: HttpClient, url: str, shown: str, host: str,

@@ -46,11 +46,12 @@ class _Spec:
 _Item = tuple[str, str, "str | None", bool, "Result | None"]
 
 
-@dataclasses.dataclass
 class _AttemptContext(RunContext):
     """A RunContext whose partial files live in this attempt's private directory."""
 
-    attempt_dir: Path = Path()
+    def __init__(self, *, attempt_dir: Path, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.attempt_dir = attempt_dir
 
     @property
     def partial_dir(self) -> Path:
@@ -312,7 +313,7 @@ def _run_batch(spec: _Spec, number: int, packed: bytes | list[_Item]
         attempt = f"{spec.token}-{number}-{uuid.uuid4().hex[:8]}"
         shared = dest / PARTIAL_DIR
         ctx = _AttemptContext(config=spec.config, dest=dest, gate=run.gate, cancel=run.cancel,
-                              stop_new=run.stop_new, clients=run.clients, _dirs=run.dirs,
+                              stop_new=run.stop_new, clients=run.clients, dirs=run.dirs,
                               attempt_dir=shared / f".b-{attempt}")
         ctx.attempt_dir.mkdir(parents=True, exist_ok=True)
         journal = _Journal(dest / JOURNAL_DIR / f"{attempt}.jsonl")
