@@ -218,37 +218,35 @@ class Fanout:
                             os.kill(child.pid, signal.SIGKILL)
 
     def _fill(self, items: Iterator[tuple[Job, str]]) -> bool:
-        """Plan items into the workers' room; True once the list is exhausted."""
+        """Plan items into the room of every worker that has at least half its limit
+        free, one batch each; True once the list is exhausted (or the run stops)."""
         ctx = self.owner.ctx
         live = [c for c in self.children if not c.done]
-        batches: dict[_Child, list[tuple[int, str, str, str | None, Any]]] = {}
-        while live:
-            if ctx.cancel.is_set() or ctx.stop_new.is_set():
-                for target, batch in batches.items():  # not sent: never started
-                    for entry in batch:
-                        del target.items[entry[0]]
-                self._end_all()
-                return True
-            child = max(live, key=lambda c: c.limit - len(c.items))
-            room = child.limit - len(child.items)
-            if room <= 0 or (2 * room < child.limit and child not in batches):
-                break
-            item = next(items, None)  # plans: may journal skips and failures here
-            if item is None:
-                for target, batch in batches.items():
-                    self._queue(target, ("items", batch))
-                self._end_all()
-                return True
-            job, rel = item
-            self._seq += 1
-            child.items[self._seq] = item
-            batches.setdefault(child, []).append(
-                (self._seq, job.url, rel, job.sha256, job.extra or None))
-        for target, batch in batches.items():
-            self._queue(target, ("items", batch))
         if not live:
             ctx.stop("every download process died")
             return True
+        for child in live:
+            room = child.limit - len(child.items)
+            if 2 * room < child.limit:
+                continue
+            batch: list[tuple[int, str, str, str | None, Any]] = []
+            for _ in range(room):
+                if ctx.cancel.is_set() or ctx.stop_new.is_set():
+                    for entry in batch:  # not sent: never started
+                        del child.items[entry[0]]
+                    self._end_all()
+                    return True
+                item = next(items, None)  # plans: may journal skips and failures here
+                if item is None:
+                    if batch:
+                        self._queue(child, ("items", batch))
+                    self._end_all()
+                    return True
+                self._seq += 1
+                child.items[self._seq] = item
+                job, rel = item
+                batch.append((self._seq, job.url, rel, job.sha256, job.extra or None))
+            self._queue(child, ("items", batch))
         return False
 
     def _end_all(self) -> None:
