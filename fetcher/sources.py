@@ -18,20 +18,22 @@ A trailing ``.gz``, ``.bz2`` or ``.xz`` is decompressed on the fly (``urls.csv.g
 
 from __future__ import annotations
 
-import csv
 import dataclasses
+import functools
 import io
 import ipaddress
-import json
 import os
 import re
 import sys
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import IO, Any, TypeAlias, cast
+from typing import IO, TYPE_CHECKING, Any, TypeAlias, cast
 
 from .errors import ConfigError, UrlListError
 from .models import Job
+
+if TYPE_CHECKING:
+    import csv
 
 __all__ = ["FORMATS", "UrlSource", "detect_format", "iter_jobs", "validate_sha256", "validate_url"]
 
@@ -55,17 +57,54 @@ _RESERVED_KEYS = frozenset({"url", "path", "sha256"})
 # The classes are written negated (every ASCII character not allowed): the same sets as
 # [A-Za-z0-9_\-\u0080-\U0010ffff] and [A-Za-z0-9._~!$&'()*+,;=:%@\-\u0080-\U0010ffff], but
 # compiled in well under a millisecond instead of 11 ms, which every run paid at start.
+# Plain URLs (lowercase scheme, ASCII host name, port) never need it: see validate_url.
 _LABEL = r"[^\x00-\x2c./\x3a-\x40\x5b-\x5e\x60\x7b-\x7f]+"
-_URL_RE = re.compile(
+_URL_PATTERN = (
     r"[hH][tT][tT][pP][sS]?://"
     r"(?:[^\x00-\x20\"#/<>?\x5b-\x5e\x60\x7b-\x7d\x7f]*@)?"
     rf"(\[[0-9A-Fa-f:.]+(?:%25[A-Za-z0-9._~%\-]+)?\]|{_LABEL}(?:\.{_LABEL})*\.?)"
     r"(?::(\d{0,5}))?"
     r"(?=[/?#]|\Z)"
 )
-_SHA256_RE = re.compile(r"[0-9a-fA-F]{64}")
+_SHA256_PATTERN = r"[0-9a-fA-F]{64}"
 # Lone surrogates are what surrogateescape makes of bytes that are not UTF-8.
-_UNDECODABLE_RE = re.compile("[\udc80-\udcff]")
+_UNDECODABLE_PATTERN = "[\udc80-\udcff]"
+
+
+# Compiled on first use: a plain-text list of plain URLs needs none of them.
+@functools.cache
+def _url_re() -> re.Pattern[str]:
+    return re.compile(_URL_PATTERN)
+
+
+@functools.cache
+def _sha256_re() -> re.Pattern[str]:
+    return re.compile(_SHA256_PATTERN)
+
+
+@functools.cache
+def _undecodable_re() -> re.Pattern[str]:
+    return re.compile(_UNDECODABLE_PATTERN)
+
+
+_PLAIN_AUTHORITIES: set[str] = set()
+"""Authorities ``_plain_authority`` accepted (a list names few hosts); bounded."""
+
+
+def _plain_authority(authority: str) -> bool:
+    """Whether ``_URL_PATTERN`` accepts ``authority`` (ASCII, after ``scheme://``, up to
+    ``/``) with no userinfo: dot-separated labels of letters, digits, ``-`` and ``_``
+    (optionally a final dot), then an optional port of at most 5 digits up to 65535
+    (``?`` and ``#`` are in no label). False means "ask the regex", not "invalid"."""
+    host, _, port = authority.partition(":")
+    if port and not (len(port) <= 5 and port.isdigit() and int(port) <= 65535):
+        return False
+    if host[-1:] == ".":
+        host = host[:-1]
+    for label in host.split("."):
+        if not (label.isalnum() or label.replace("-", "a").replace("_", "a").isalnum()):
+            return False
+    return True
 
 
 def _short(value: str, limit: int = 120) -> str:
@@ -82,7 +121,17 @@ def validate_url(url: str, *, source: str = "<list>", line: int | None = None) -
     ``source`` and ``line``.
     """
     if url.isprintable() and " " not in url:
-        m = _URL_RE.match(url)
+        start = 7 if url.startswith("http://") else 8 if url.startswith("https://") else 0
+        if start and url.isascii():
+            end = url.find("/", start)
+            authority = url[start:end] if end >= 0 else url[start:]
+            if authority in _PLAIN_AUTHORITIES:
+                return url
+            if _plain_authority(authority):
+                if len(_PLAIN_AUTHORITIES) < 1024:
+                    _PLAIN_AUTHORITIES.add(authority)
+                return url
+        m = _url_re().match(url)
         if (
             m is not None
             and (not m.group(2) or int(m.group(2)) <= 65535)
@@ -107,7 +156,7 @@ def _url_problem(url: str) -> str:
     """Explain why ``url`` failed :func:`validate_url` (the slow path, errors only)."""
     if not url:
         return "empty URL"
-    if _UNDECODABLE_RE.search(url):
+    if _undecodable_re().search(url):
         return f"URL is not valid UTF-8: {_short(url)}"
     if not url.isprintable() or " " in url:
         return f"URL contains whitespace or a control character: {_short(url)}"
@@ -130,7 +179,7 @@ def _url_problem(url: str) -> str:
 
 def validate_sha256(value: str, *, source: str = "<list>", line: int | None = None) -> str:
     """Check a hex SHA-256 digest (64 hex digits) and return it lowercased."""
-    if _SHA256_RE.fullmatch(value):
+    if _sha256_re().fullmatch(value):
         return value.lower()
     raise UrlListError(f"sha256 must be 64 hex digits, got {_short(value)}", source=source,
                        line=line)
@@ -278,7 +327,7 @@ def _parse_text(f: IO[str], name: str) -> Iterator[Job]:
         s = raw.strip()
         if not s or s[0] == "#":
             continue
-        if not s.isascii() and _UNDECODABLE_RE.search(s):
+        if not s.isascii() and _undecodable_re().search(s):
             raise _undecodable(name, lineno)
         fields = s.split()
         if len(fields) > 1 and any(f[0] == "#" for f in fields):
@@ -300,18 +349,18 @@ def _reject_constant(value: str) -> Any:
     raise ValueError(f"{value} is not valid JSON")
 
 
-_json_decode = json.JSONDecoder(parse_constant=_reject_constant).decode
-
-
 def _parse_jsonl(f: IO[str], name: str) -> Iterator[Job]:
+    import json  # JSONL lists only
+
+    decode = json.JSONDecoder(parse_constant=_reject_constant).decode
     for lineno, raw in enumerate(_lines(f, name), 1):
         s = raw.strip()
         if not s:
             continue
-        if not s.isascii() and _UNDECODABLE_RE.search(s):
+        if not s.isascii() and _undecodable_re().search(s):
             raise _undecodable(name, lineno)
         try:
-            rec = _json_decode(s)
+            rec = decode(s)
         except (ValueError, RecursionError) as exc:
             raise UrlListError(f"invalid JSON: {exc}", source=name, line=lineno) from None
         if not isinstance(rec, dict):
@@ -347,6 +396,7 @@ def _job_from_record(rec: Mapping[Any, Any], name: str, line: int) -> Job:
 
 def _csv_rows(reader: Any, name: str) -> Iterator[tuple[int, list[str]]]:
     """Non-blank rows of ``reader`` with the line each starts on; csv errors converted."""
+    import csv
     while True:
         start = reader.line_num + 1
         try:
@@ -358,12 +408,14 @@ def _csv_rows(reader: Any, name: str) -> Iterator[tuple[int, list[str]]]:
         if not any(cell.strip() for cell in row):
             continue
         for cell in row:
-            if not cell.isascii() and _UNDECODABLE_RE.search(cell):
+            if not cell.isascii() and _undecodable_re().search(cell):
                 raise _undecodable(name, start)
         yield start, row
 
 
 def _parse_csv(f: IO[str], name: str, delimiter: str) -> Iterator[Job]:
+    import csv  # CSV/TSV lists only
+
     rows = _csv_rows(csv.reader(_lines(f, name), delimiter=delimiter, strict=True), name)
     first = next(rows, None)
     if first is None:

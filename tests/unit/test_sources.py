@@ -5,8 +5,10 @@ from __future__ import annotations
 import bz2
 import gzip
 import io
+import re
 import sys
 import tracemalloc
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -444,3 +446,58 @@ def test_validate_url_only_raises_url_list_error(url: str) -> None:
     except UrlListError:
         return
     assert result.startswith(("http://", "https://")) and result.isprintable()
+
+
+# --- validate_url's fast path accepts only what the pattern accepts --------------------
+
+def _reference_validate_url(url: str) -> str:
+    """validate_url as it was before its fast path: the pattern decides every URL."""
+    if url.isprintable() and " " not in url:
+        m = re.match(sources._URL_PATTERN, url)
+        if (
+            m is not None
+            and (not m.group(2) or int(m.group(2)) <= 65535)
+            and (m.group(1)[0] != "[" or sources._is_ipv6(m.group(1)))
+        ):
+            if url.startswith(("http://", "https://")):
+                return url
+            colon = url.index(":")
+            return url[:colon].lower() + url[colon:]
+    raise UrlListError(sources._url_problem(url), source="<list>", line=None)
+
+
+def _outcome(validate: Callable[[str], str], url: str) -> str:
+    try:
+        return "ok " + validate(url)
+    except UrlListError as exc:
+        return "error " + str(exc)
+
+
+_authority_bit = st.sampled_from([
+    "h", "example", ".", "..", "-", "_", "a-b", "a_b", "x9", "", ":", ":0", ":80", ":65535",
+    ":65536", ":99999", ":123456", ":000080", ":1a", "@", "u:p@", "[::1]", "[", "]", "%",
+    "%25", "\u00e9", "\u0661", "\u00b2", "?", "#", "\\", "\x00", " ", "\t", "&", "~", "!", "A",
+])
+_host = st.lists(st.sampled_from(["h", "h", "a-b", "_", "-", "X9", "", "\u00e9"]),
+                 min_size=1, max_size=3).map(".".join)
+_port = st.sampled_from(["", "", ":", ":0", ":80", ":65535", ":65536", ":99999", ":123456",
+                         ":000080", ":00080", ":\u0661", ":\u00b2", ":8a"])
+_structured = st.builds(lambda user, host, dot, port: user + host + dot + port,
+                        st.sampled_from(["", "", "", "u@", "u:p@"]), _host,
+                        st.sampled_from(["", "", "."]), _port)
+_authority = st.one_of(_structured, _structured, _structured,
+                       st.lists(_authority_bit, max_size=6).map("".join))
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.sampled_from(["http://"] * 4 + ["https://"] * 2
+                       + ["HTTP://", "hTTps://", "http:/", "http:", "ftp://", "http//", ""]),
+       _authority,
+       st.sampled_from(["", "/", "/", "/a", "/a b", "/x?y#z", "?q", "#f", "/\u00e9", "/\x7f",
+                        ":"]))
+def test_validate_url_equals_the_pattern(scheme: str, authority: str, rest: str) -> None:
+    url = scheme + authority + rest
+    sources._PLAIN_AUTHORITIES.clear()
+    first = _outcome(validate_url, url)
+    assert first == _outcome(_reference_validate_url, url)
+    assert _outcome(validate_url, url) == first  # again, from the cache of plain hosts
