@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from json.encoder import encode_basestring as _encode_str  # what ensure_ascii=False uses
 from typing import Any, Literal
+
+try:  # what json's ensure_ascii=False uses, without importing the json package
+    from _json import encode_basestring as _encode_str
+except ImportError:  # pragma: no cover - Pythons without the C accelerator
+    from json.encoder import encode_basestring as _encode_str
 
 from .errors import BatchFailedError
 
@@ -18,15 +21,30 @@ MANIFEST_FIELDS: tuple[str, ...] = (
 )
 
 
-encode_record = json.JSONEncoder(ensure_ascii=False, default=str).encode
-"""A record as one line of JSON (one encoder for all: json.dumps with options makes a
-new one per call)."""
+_encoder: Callable[[Any], str] | None = None
+
+
+def encode_record(record: Any) -> str:
+    """A record as one line of JSON (one encoder for all: json.dumps with options makes a
+    new one per call). json loads on first use: plain manifest lines never need it."""
+    global _encoder
+    if _encoder is None:
+        import json
+
+        _encoder = json.JSONEncoder(ensure_ascii=False, default=str).encode
+    return _encoder(record)
+
+
+_JSON_STATUS = {"ok": '"ok"', "skipped": '"skipped"', "failed": '"failed"'}
 
 FAILURES_KEPT = 1000
 """Failures a Report keeps in memory when it does not keep every result."""
 
 
-@dataclass(frozen=True, slots=True)
+_NEW_DICT: Any = object()
+
+
+@dataclass(frozen=True, slots=True, init=False)
 class Job:
     """One entry of a URL list."""
 
@@ -39,6 +57,22 @@ class Job:
     """Other columns of the list, carried through to the manifest."""
     source: str = "<list>"
     line: int | None = None
+
+    def __init__(self, url: str, path: str | None = None, sha256: str | None = None,
+                 extra: Mapping[str, Any] = _NEW_DICT, source: str = "<list>",
+                 line: int | None = None) -> None:
+        # What the generated __init__ does, through the slots' own setters: the frozen
+        # class's object.__setattr__ per field cost a third of parsing a list line.
+        _set_url(self, url)
+        _set_path(self, path)
+        _set_sha256(self, sha256)
+        _set_extra(self, {} if extra is _NEW_DICT else extra)
+        _set_source(self, source)
+        _set_line(self, line)
+
+
+_set_url, _set_path, _set_sha256, _set_extra, _set_source, _set_line = (
+    Job.__dict__[name].__set__ for name in ("url", "path", "sha256", "extra", "source", "line"))
 
 
 @dataclass(slots=True)
@@ -85,10 +119,19 @@ class Result:
         path = "null" if self.path is None else q(self.path)
         sha = "null" if self.sha256 is None else q(self.sha256)
         http = "null" if self.http_status is None else str(int(self.http_status))
-        return (f'{{"url": {q(self.url)}, "path": {path}, "status": {q(self.status)}, '
+        status = _JSON_STATUS[self.status] if self.status in _JSON_STATUS else q(self.status)
+        elapsed = self.elapsed_s
+        if 0.0 <= elapsed < 1e9:
+            # The digits of repr(float(round(elapsed, 4))) from one conversion, not three:
+            # below 1e9 the 4-place decimal is the shortest repr of the double nearest it.
+            secs = f"{elapsed:.4f}".rstrip("0")
+            if secs[-1] == ".":
+                secs += "0"
+        else:
+            secs = repr(float(round(elapsed, 4)))
+        return (f'{{"url": {q(self.url)}, "path": {path}, "status": {status}, '
                 f'"bytes": {int(self.bytes)}, "sha256": {sha}, "http_status": {http}, '
-                f'"attempts": {int(self.attempts)}, '
-                f'"elapsed_s": {float(round(self.elapsed_s, 4))!r}, '
+                f'"attempts": {int(self.attempts)}, "elapsed_s": {secs}, '
                 f'"error_type": null, "error": null, "outputs": []}}')
 
     def fail(self, exc: BaseException) -> Result:
