@@ -14,7 +14,6 @@ the host changes. Transport exceptions become ``TransportError`` at this boundar
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import socket
 import threading
@@ -205,15 +204,36 @@ class Prefetched:
     http11: bool
 
 
+_PLAIN_ORIGINS: dict[str, tuple[Origin, str]] = {}
+"""``scheme://netloc`` of plain URLs -> (origin, Host value); bounded (few per run)."""
+
+
+def _header_lines(headers: Mapping[str, str]) -> str:
+    return "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+
+
 def request_head(url: str, headers: Mapping[str, str]) -> tuple[Origin, bytes]:
     """The origin and the bytes of ``GET url`` with ``headers`` (no credentials in url).
 
     Plain ASCII URLs take a split-based path that costs a fraction of ``urlsplit``; the
     rest (userinfo, IPv6, fragments, non-ASCII, spaces) the general one.
     """
-    fields = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    return _request_head(url, _header_lines(headers))
+
+
+def _request_head(url: str, fields: str) -> tuple[Origin, bytes]:
+    """``request_head`` with the header lines already joined."""
     if url.isascii() and "@" not in url and "[" not in url and " " not in url \
             and "#" not in url:
+        sep = url.find("://")
+        if sep > 0:
+            end = url.find("/", sep + 3)
+            known = _PLAIN_ORIGINS.get(url if end < 0 else url[:end])
+            if known is not None:  # an origin the split-based path below took before
+                origin, host_value = known
+                target = url[end:] if end >= 0 else "/"
+                head = f"GET {target} HTTP/1.1\r\nHost: {host_value}\r\n{fields}\r\n"
+                return origin, head.encode("latin-1")
         scheme, _, rest = url.partition("://")
         netloc, slash, path = rest.partition("/")
         scheme = scheme.lower()
@@ -227,7 +247,10 @@ def request_head(url: str, headers: Mapping[str, str]) -> tuple[Origin, bytes]:
                 raise TransportError(f"bad port in {redact(url)}", url=url)
             target = slash + path if slash else "/"
             head = f"GET {target} HTTP/1.1\r\nHost: {netloc}\r\n{fields}\r\n"
-            return (scheme, host.lower(), port), head.encode("latin-1")
+            origin = (scheme, host.lower(), port)
+            if len(_PLAIN_ORIGINS) < 1024:
+                _PLAIN_ORIGINS[url[:len(url) - len(rest) + len(netloc)]] = (origin, netloc)
+            return origin, head.encode("latin-1")
     scheme = url.partition(":")[0].lower()
     parts = urlsplit(url)
     host = parts.hostname or ""
@@ -266,9 +289,9 @@ class HttpClient:
         base_headers = {"User-Agent": config.user_agent, "Accept-Encoding": "identity"}
         base_headers.update(config.headers)
         self._base_headers = base_headers
-        self._hop0_headers: dict[str, str] | None = None
+        self._hop0_fields: str | None = None
         if config.auth is None:  # otherwise hop 0 carries an Authorization header
-            self._hop0_headers = base_headers
+            self._hop0_fields = _header_lines(base_headers)
         self._idle: dict[tuple[str, str, int], Connection] = {}
         self._proxied: dict[str, Any] = {}
         if config.proxies:
@@ -336,8 +359,8 @@ class HttpClient:
 
     def prepare(self, url: str) -> tuple[Origin, bytes]:
         """The origin and request head of hop 0 of ``get(url)`` (for ``multiplex.py``)."""
-        if "@" not in url and self._hop0_headers is not None:
-            return request_head(url, self._hop0_headers)
+        if "@" not in url and self._hop0_fields is not None:
+            return _request_head(url, self._hop0_fields)
         hdrs = dict(self._base_headers)
         auth_header = self._auth_header(url)
         if auth_header:
@@ -427,6 +450,8 @@ def raise_for_status(resp: Response, *, url: str) -> None:
 
 
 def _basic(credentials: str) -> str:
+    import base64  # runs with credentials only
+
     return "Basic " + base64.b64encode(credentials.encode("latin-1")).decode("ascii")
 
 
