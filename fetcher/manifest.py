@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
-import json
 import os
 import threading
 from collections.abc import Iterator
@@ -25,11 +24,13 @@ MANIFEST_NAME = "manifest.jsonl"
 PUBLISHED_NAME = "published.jsonl"
 
 
+_blake2b = hashlib.blake2b
+_from_bytes = int.from_bytes
+
+
 def item_key(url: str, path: str) -> int:
     """Nonzero 64-bit digest identifying one (url, path) pair."""
-    key = int.from_bytes(
-        hashlib.blake2b(f"{url}\0{path}".encode(), digest_size=8).digest(), "big")
-    return key or 1
+    return _from_bytes(_blake2b(f"{url}\0{path}".encode(), digest_size=8).digest(), "big") or 1
 
 
 class ManifestWriter:
@@ -96,6 +97,8 @@ def _end_with_newline(path: Path, fd: int) -> None:
 
 def iter_records(path: Path) -> Iterator[dict[str, Any]]:
     """Records of a manifest; a torn last line (killed mid-write) is ignored."""
+    import json  # only runs that find a manifest read one
+
     try:
         fh = open(path, encoding="utf-8")  # noqa: SIM115
     except FileNotFoundError:

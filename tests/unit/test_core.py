@@ -10,7 +10,7 @@ import fetcher
 from fetcher import errors
 from fetcher.config import FetchConfig
 from fetcher.http import parse_retry_after, redact
-from fetcher.manifest import CompletedIndex, ManifestWriter, iter_records
+from fetcher.manifest import CompletedIndex, ManifestWriter, item_key, iter_records
 from fetcher.models import Report, Result
 
 
@@ -111,3 +111,11 @@ def test_streaming_report_caps_failures_but_counts_all() -> None:
     assert len(report.failures) == FAILURES_KEPT and report.results == []
     with pytest.raises(errors.BatchFailedError, match=f"{FAILURES_KEPT + 50} of"):
         report.raise_for_failures()
+
+
+def test_item_key_is_the_blake2b_digest_of_url_nul_path() -> None:
+    import hashlib
+
+    for url, path in [("http://h/x", "x"), ("http://h/\u00e9", "a/b"), ("", "")]:
+        digest = hashlib.blake2b(f"{url}\0{path}".encode(), digest_size=8).digest()
+        assert item_key(url, path) == (int.from_bytes(digest, "big") or 1)
