@@ -32,6 +32,7 @@ import contextlib
 import errno
 import hashlib
 import os
+import select
 import selectors
 import signal
 import socket
@@ -171,6 +172,11 @@ class Multiplexer:
         while self._returned:
             key, wired = self._returned.popleft()
             unread = wired.buf or (key[0] == "https" and wired.sock.pending())  # type: ignore[attr-defined]
+            if not unread:  # bytes (or the server's FIN) already waiting in the socket
+                try:
+                    unread = bool(select.select([wired.sock], [], [], 0)[0])
+                except (OSError, ValueError):
+                    unread = True
             if unread or len(self._active) + self._n_idle >= self._capacity():
                 wired.close()
                 continue
@@ -462,7 +468,9 @@ class Multiplexer:
             conn.got = conn.need = length
             self._complete(conn)
             return
-        body = conn.body = bytearray(length)
+        # One byte of slack: a server that sends more than its Content-Length is caught
+        # here, and its connection is not reused with those bytes waiting in it.
+        body = conn.body = bytearray(length + 1)
         body[:here] = memoryview(data)[pos:]
         conn.got, conn.need = here, length
         self._more_tls(conn)
@@ -470,13 +478,16 @@ class Multiplexer:
     def _read_body(self, conn: _Conn) -> None:
         body = conn.body
         assert isinstance(body, bytearray)
-        n = conn.sock.recv_into(memoryview(body)[conn.got:], conn.need - conn.got)
+        n = conn.sock.recv_into(memoryview(body)[conn.got:], conn.need - conn.got + 1)
         if not n:
             raise WireError("truncated", f"connection closed with {conn.need - conn.got} "
                                          "bytes of the body missing")
         conn.got += n
         conn.deadline = time.monotonic() + self.cfg.timeout
-        if conn.got == conn.need:
+        if conn.got >= conn.need:
+            if conn.got > conn.need:
+                conn.keep = False  # more than the body: never reuse this connection
+            conn.body = memoryview(body)[:conn.need]
             self._complete(conn)
         else:
             self._more_tls(conn)
