@@ -239,7 +239,8 @@ class _Run:
         if width > 1:
             from .fanout import Fanout
 
-            self._fanout = stack.enter_context(Fanout(self, width))
+            fan = stack.enter_context(Fanout(self, width))
+            self._fanout = fan if fan.children else None  # no fork was possible
         # The sink opens before and closes after the post-processing pipeline (the stack
         # unwinds in reverse), so records of items still being processed are not lost.
         if self.fetcher.sink:
@@ -350,8 +351,9 @@ class _Run:
         """Processes to share the transfers among (1: this one alone)."""
         if self.fetcher.post or self.cfg.content_disposition or not loop_eligible(self.cfg):
             return 1  # naming by the server, and --post's process pool, stay here
-        if self.cfg.download_processes is None and (total or 0) < FANOUT_MIN_ITEMS:
-            return 1  # (without importing fanout.py)
+        if self.cfg.download_processes is None and (
+                (total or 0) < FANOUT_MIN_ITEMS or len(self.index) >= (total or 0)):
+            return 1  # short lists, and re-runs that will mostly skip (no fanout import)
         from .fanout import fanout_width
 
         return fanout_width(self.cfg, total)
@@ -611,8 +613,12 @@ class _Pool:
         self._idle = threading.Semaphore(0)
         self._threads: list[threading.Thread] = []
         self._closed = False
+        self._busy = 0
+        self._lock = threading.Lock()
 
     def submit(self, fn: Callable[..., None], *args: Any) -> None:
+        with self._lock:
+            self._busy += 1
         self._tasks.put((fn, args))
         if not self._idle.acquire(blocking=False) and len(self._threads) < self._max:
             thread = threading.Thread(target=self._serve, name=f"fetcher_{len(self._threads)}")
@@ -626,7 +632,13 @@ class _Pool:
             try:
                 fn(*args)  # _work records its own failures; nothing is left to raise
             finally:
+                with self._lock:
+                    self._busy -= 1
                 self._idle.release()
+
+    def busy(self) -> bool:
+        """Whether submitted items are still queued or running."""
+        return self._busy > 0
 
     def shutdown(self, wait: bool = True) -> None:
         """Let every thread end after the queued items (non-daemon: exit waits too)."""

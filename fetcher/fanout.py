@@ -32,8 +32,10 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import json
 import os
 import pickle
+import select
 import selectors
 import signal
 import socket
@@ -48,7 +50,7 @@ from .config import FANOUT_MIN_ITEMS, FetchConfig
 from .errors import DownloadProcessError
 from .http import redact
 from .models import Job, Result
-from .multiplex import WAIT, SigintCancels
+from .multiplex import WAIT, SigintCancels, capacity_of
 from .progress import NullProgress
 
 if TYPE_CHECKING:
@@ -86,6 +88,28 @@ def fanout_width(cfg: FetchConfig, total: int | None) -> int:
             cores = os.cpu_count() or 1
         wanted = min(cores, FANOUT_MAX)
     return max(1, min(wanted, cfg.threads))
+
+
+def _split(total: int, parts: int) -> list[int]:
+    """``total`` in ``parts`` near-equal whole shares."""
+    return [total // parts + (i < total % parts) for i in range(parts)]
+
+
+_JSON_SCALARS = (str, int, float, bool, type(None))
+
+
+def _portable(extra: Any) -> dict[str, Any] | None:
+    """A job's carried columns as a worker can receive them: as they are when plain
+    (the usual CSV strings), else as the manifest will show them (``str()`` of what
+    JSON cannot hold), which pickles whatever the caller put there."""
+    if not extra:
+        return None
+    if type(extra) is dict and all(type(v) in _JSON_SCALARS for v in extra.values()):
+        return extra
+    from .models import encode_record
+
+    portable: dict[str, Any] = json.loads(encode_record(dict(extra)))
+    return portable
 
 
 def _frame(message: tuple[Any, ...]) -> bytes:
@@ -139,29 +163,46 @@ class Fanout:
         self._seq = 0
         self._full = run.cfg.keep_results or bool(run.fetcher.sink)
         self._sel = selectors.DefaultSelector()
+        self._journal_start = 0
+        """Size of the manifest when the workers were forked: their lines come after."""
 
     def __enter__(self) -> Fanout:
-        threads = self.owner.cfg.threads
-        shares = [threads // self.width + (i < threads % self.width)
-                  for i in range(self.width)]
+        """Fork the workers; if the system refuses a fork, go on with those there are
+        (none: the run stays in this process)."""
+        cfg = self.owner.cfg
+        connections, window = capacity_of(cfg), cfg.in_flight
+        width = min(self.width, connections)
+        shares = _split(connections, width)
+        limits = [max(share, w) for share, w in zip(shares, _split(window, width), strict=True)]
         for stream in (sys.stdout, sys.stderr):  # nothing buffered is written twice
             with contextlib.suppress(Exception):
                 stream.flush()
-        self.owner.report.processes = self.width
+        manifest = self.owner.manifest
+        if manifest is not None:
+            with contextlib.suppress(OSError):
+                self._journal_start = os.path.getsize(manifest.path)
         try:
-            for index, share in enumerate(shares):
-                self._fork(index, share)
+            for index, (share, limit) in enumerate(zip(shares, limits, strict=True)):
+                if not self._fork(index, share, limit):
+                    break
         except BaseException:
             self.__exit__()
             raise
+        self.width = len(self.children)
+        self.owner.report.processes = max(1, self.width)
         return self
 
-    def _fork(self, index: int, share: int) -> None:
+    def _fork(self, index: int, share: int, limit: int) -> bool:
         ours, theirs = socket.socketpair()
         for sock in (ours, theirs):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _BUF)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _BUF)
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError:  # EAGAIN, ENOMEM: fewer processes, not a failed run
+            ours.close()
+            theirs.close()
+            return False
         if pid == 0:  # the worker: never returns
             code = 70
             try:
@@ -178,11 +219,12 @@ class Fanout:
                 os._exit(code)
         theirs.close()
         ours.setblocking(False)
-        # 4 x share in all is the run's window (4 x threads). Items go in batches of at
-        # least half of that, reports come back by the share: few wake-ups each way.
-        child = _Child(index, pid, ours, limit=max(2, 4 * share))
+        # The limits add up to the run's window (4 x threads by default). Items go in
+        # batches of half a limit, reports come back by the share: few wake-ups each way.
+        child = _Child(index, pid, ours, limit=limit)
         self.children.append(child)
         self._sel.register(ours, selectors.EVENT_READ, child)
+        return True
 
     def run(self, items: Iterator[tuple[Job, str]]) -> None:
         """Plan (``items``), dispatch and account until every worker has ended.
@@ -197,7 +239,7 @@ class Fanout:
 
     def _run(self, items: Iterator[tuple[Job, str]]) -> None:
         ctx = self.owner.ctx
-        exhausted = told_cancel = False
+        exhausted = told_cancel = told_stop = False
         cancel_at = 0.0
         while any(not c.done for c in self.children):
             if not exhausted:
@@ -205,6 +247,9 @@ class Fanout:
             if ctx.cancel.is_set() and not told_cancel:
                 told_cancel, cancel_at = True, time.monotonic()
                 self._broadcast(("cancel",))
+            if ctx.stop_new.is_set() and not told_stop:  # a worker's, or this process's
+                told_stop = True  # (its sink or manifest failed): every worker stops
+                self._broadcast(("stop", ctx.stop_reason or "stopped"))
             for key, mask in self._sel.select(0.1):
                 child: _Child = key.data
                 if mask & selectors.EVENT_WRITE:
@@ -216,17 +261,17 @@ class Fanout:
                     if not child.done:
                         with contextlib.suppress(OSError):
                             os.kill(child.pid, signal.SIGKILL)
+        if not exhausted and not ctx.cancel.is_set():
+            ctx.stop("every download process died")  # the rest of the list is not started
 
     def _fill(self, items: Iterator[tuple[Job, str]]) -> bool:
-        """Plan items into the room of every worker that has at least half its limit
-        free, one batch each; True once the list is exhausted (or the run stops)."""
+        """Plan a batch (half a limit) for every worker with that much room; True once
+        the list is exhausted or the run stops starting items."""
         ctx = self.owner.ctx
-        live = [c for c in self.children if not c.done]
-        if not live:
-            ctx.stop("every download process died")
-            return True
-        for child in live:
-            room = child.limit - len(child.items)
+        for child in self.children:
+            if child.done:
+                continue
+            room = min(child.limit - len(child.items), -(-child.limit // 2))
             if 2 * room < child.limit:
                 continue
             batch: list[tuple[int, str, str, str | None, Any]] = []
@@ -245,7 +290,7 @@ class Fanout:
                 self._seq += 1
                 child.items[self._seq] = item
                 job, rel = item
-                batch.append((self._seq, job.url, rel, job.sha256, job.extra or None))
+                batch.append((self._seq, job.url, rel, job.sha256, _portable(job.extra)))
             self._queue(child, ("items", batch))
         return False
 
@@ -296,7 +341,8 @@ class Fanout:
                 if oks:
                     run._count_ok(len(oks), ok_bytes)
                 for seq, result in results:
-                    del child.items[seq]
+                    job, _ = child.items.pop(seq)
+                    result.extra = job.extra  # the caller's objects, not their JSON
                     run._account(result, result.record() if run.writer is not None
                                  else None)
             elif kind == "pause":
@@ -304,15 +350,14 @@ class Fanout:
                 run.ctx.gate.pause_until(host, until, announce=False)
                 self._broadcast(message, skip=child)
             elif kind == "stop":
-                if not run.ctx.stop_new.is_set():
-                    run.ctx.stop(message[1])
-                    self._broadcast(message, skip=child)
+                run.ctx.stop(message[1])  # the first reason is kept; _run tells the rest
             elif kind == "done":
                 for seq in message[1]:  # queued there, never started: like unplanned items
                     child.items.pop(seq, None)
 
     def _ended(self, child: _Child) -> None:
-        """EOF from a worker: it has exited, or died; reap it, fail what it still had."""
+        """EOF from a worker: it has exited, or died. Reap it; items it journaled but
+        had not reported yet are taken from the manifest, the others fail."""
         child.done = True
         with contextlib.suppress(KeyError, ValueError):
             self._sel.unregister(child.sock)
@@ -320,12 +365,43 @@ class Fanout:
         status = _reap(child.pid)
         if not child.items:
             return
+        run = self.owner
+        wanted = {(redact(job.url), rel): job for job, rel in child.items.values()}
+        journaled = self._journaled(wanted)
         why = f"download process {child.index + 1} (pid {child.pid}) {status}"
-        for job, rel in child.items.values():
-            shown = redact(job.url)
+        for key, job in wanted.items():
+            shown, rel = key
+            record = journaled.get(key)
+            if record is not None:  # published and journaled: only the report was lost
+                result = _from_record(record, job)
+                run._account(result, result.record() if run.writer is not None else None)
+                continue
             result = Result(url=shown, path=rel, status="failed", extra=job.extra)
-            self.owner._record(result.fail(DownloadProcessError(f"{why}: {shown}", url=shown)))
+            run._record(result.fail(DownloadProcessError(f"{why}: {shown}", url=shown)))
         child.items.clear()
+
+    def _journaled(self, wanted: dict[tuple[str, str], Job]) -> dict[tuple[str, str], Any]:
+        """Manifest records written since the fork for the (url, path) pairs wanted."""
+        found: dict[tuple[str, str], Any] = {}
+        manifest = self.owner.manifest
+        if manifest is None:
+            return found
+        try:
+            with open(manifest.path, "rb") as fh:
+                fh.seek(self._journal_start)
+                for line in fh:
+                    if not line.endswith(b"\n"):
+                        break
+                    try:
+                        record = json.loads(line)
+                    except ValueError:
+                        continue
+                    key = (record.get("url"), record.get("path"))
+                    if key in wanted:
+                        found[key] = record
+        except OSError:
+            pass
+        return found
 
     def __exit__(self, *exc: object) -> None:
         """Reap every worker: after a normal run they have exited already; after an error
@@ -340,6 +416,16 @@ class Fanout:
                 child.done = True
                 _reap(child.pid, until=deadline)
         self._sel.close()
+
+
+def _from_record(record: dict[str, Any], job: Job) -> Result:
+    """A Result back from its manifest record (the job's own carried columns)."""
+    return Result(url=record["url"], path=record["path"], status=record["status"],
+                  bytes=record.get("bytes") or 0, sha256=record.get("sha256"),
+                  http_status=record.get("http_status"), attempts=record.get("attempts") or 0,
+                  elapsed_s=record.get("elapsed_s") or 0.0, error_type=record.get("error_type"),
+                  error=record.get("error"), outputs=list(record.get("outputs") or ()),
+                  extra=job.extra)
 
 
 def _reap(pid: int, *, until: float | None = None) -> str:
@@ -397,6 +483,12 @@ class _Worker:
         pool = _Pool(self.share)
         try:
             run._multiplex(self, pool, share=self.share, feed=self)
+            # The loop is done; files handed to threads may not be. The link is still
+            # read meanwhile: a cancel, a stop, a pause or the parent's death.
+            while pool.busy():
+                if select.select([self.sock], [], [], 0.1)[0]:
+                    self.pump()
+                self.tick()
         finally:
             run._drain(pool)
             for client in run._clients:
@@ -474,8 +566,14 @@ class _Worker:
             if result.status == "ok" and not self.full:
                 self._oks.append(seq)
                 self._ok_bytes += result.bytes
-            else:
-                self._results.append((seq, result))
+                return
+        if result.exception is not None:
+            try:
+                pickle.dumps(result.exception, _PICKLE)
+            except Exception:  # error_type and error still say what it was
+                result.exception = None
+        with self._lock:
+            self._results.append((seq, result))
 
     def _send(self, message: tuple[Any, ...]) -> None:
         data = _frame(message)

@@ -59,6 +59,10 @@ class Headers(dict[str, str]):
 
 _tls_lock = threading.Lock()
 _tls_cache: dict[tuple[Any, ...], ssl.SSLContext] = {}
+# A process forked while another thread loads CA certificates must not inherit the lock
+# held (fan-out workers fork; a caller may run threads): fork waits for it instead.
+os.register_at_fork(before=_tls_lock.acquire, after_in_parent=_tls_lock.release,
+                    after_in_child=_tls_lock.release)
 
 
 def tls_context(verify: bool | str, cert: str | tuple[str, str] | None) -> ssl.SSLContext:
