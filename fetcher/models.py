@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import reprlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -41,10 +42,17 @@ FAILURES_KEPT = 1000
 """Failures a Report keeps in memory when it does not keep every result."""
 
 
-_NEW_DICT: Any = object()
+_FACTORY: Any = object()
+"""Default of a field whose default is made per instance (what dataclasses' own
+``_HAS_DEFAULT_FACTORY`` is to its generated ``__init__``)."""
+
+# The classes below are dataclasses whose __init__, __repr__ and __eq__ (and Job's
+# __hash__) are written out rather than generated: dataclasses compiles generated
+# methods at every import, ~3 M instructions a class, a few percent of a one-file run.
+# tests/unit/test_models_dataclasses.py holds them to what dataclasses generates.
 
 
-@dataclass(frozen=True, slots=True, init=False)
+@dataclass(frozen=True, slots=True, init=False, repr=False, eq=False)
 class Job:
     """One entry of a URL list."""
 
@@ -59,23 +67,38 @@ class Job:
     line: int | None = None
 
     def __init__(self, url: str, path: str | None = None, sha256: str | None = None,
-                 extra: Mapping[str, Any] = _NEW_DICT, source: str = "<list>",
+                 extra: Mapping[str, Any] = _FACTORY, source: str = "<list>",
                  line: int | None = None) -> None:
-        # What the generated __init__ does, through the slots' own setters: the frozen
-        # class's object.__setattr__ per field cost a third of parsing a list line.
+        # Through the slots' own setters: a frozen dataclass's object.__setattr__ per
+        # field cost a third of parsing a list line.
         _set_url(self, url)
         _set_path(self, path)
         _set_sha256(self, sha256)
-        _set_extra(self, {} if extra is _NEW_DICT else extra)
+        _set_extra(self, {} if extra is _FACTORY else extra)
         _set_source(self, source)
         _set_line(self, line)
+
+    @reprlib.recursive_repr()
+    def __repr__(self) -> str:
+        return (f"{self.__class__.__qualname__}(url={self.url!r}, path={self.path!r}, "
+                f"sha256={self.sha256!r}, extra={self.extra!r}, source={self.source!r}, "
+                f"line={self.line!r})")
+
+    def __eq__(self, other: Any) -> bool:
+        if other.__class__ is self.__class__:
+            return (self.url, self.path, self.sha256, self.extra, self.source, self.line) \
+                == (other.url, other.path, other.sha256, other.extra, other.source, other.line)
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash((self.url, self.path, self.sha256, self.extra, self.source, self.line))
 
 
 _set_url, _set_path, _set_sha256, _set_extra, _set_source, _set_line = (
     Job.__dict__[name].__set__ for name in ("url", "path", "sha256", "extra", "source", "line"))
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False, repr=False, eq=False)
 class Result:
     """The outcome of one Job: one manifest line."""
 
@@ -92,6 +115,44 @@ class Result:
     outputs: list[str] = field(default_factory=list)
     extra: Mapping[str, Any] = field(default_factory=dict)
     exception: BaseException | None = field(default=None, repr=False, compare=False)
+
+    def __init__(self, url: str, path: str | None, status: Status, bytes: int = 0,
+                 sha256: str | None = None, http_status: int | None = None,
+                 attempts: int = 0, elapsed_s: float = 0.0, error_type: str | None = None,
+                 error: str | None = None, outputs: list[str] = _FACTORY,
+                 extra: Mapping[str, Any] = _FACTORY,
+                 exception: BaseException | None = None) -> None:
+        self.url = url
+        self.path = path
+        self.status = status
+        self.bytes = bytes
+        self.sha256 = sha256
+        self.http_status = http_status
+        self.attempts = attempts
+        self.elapsed_s = elapsed_s
+        self.error_type = error_type
+        self.error = error
+        self.outputs = [] if outputs is _FACTORY else outputs
+        self.extra = {} if extra is _FACTORY else extra
+        self.exception = exception
+
+    @reprlib.recursive_repr()
+    def __repr__(self) -> str:
+        return (f"{self.__class__.__qualname__}(url={self.url!r}, path={self.path!r}, "
+                f"status={self.status!r}, bytes={self.bytes!r}, sha256={self.sha256!r}, "
+                f"http_status={self.http_status!r}, attempts={self.attempts!r}, "
+                f"elapsed_s={self.elapsed_s!r}, error_type={self.error_type!r}, "
+                f"error={self.error!r}, outputs={self.outputs!r}, extra={self.extra!r})")
+
+    def __eq__(self, other: Any) -> bool:
+        if other.__class__ is self.__class__:
+            return (self.url, self.path, self.status, self.bytes, self.sha256,
+                    self.http_status, self.attempts, self.elapsed_s, self.error_type,
+                    self.error, self.outputs, self.extra) \
+                == (other.url, other.path, other.status, other.bytes, other.sha256,
+                    other.http_status, other.attempts, other.elapsed_s, other.error_type,
+                    other.error, other.outputs, other.extra)
+        return NotImplemented
 
     @property
     def ok(self) -> bool:
@@ -143,7 +204,7 @@ class Result:
         return self
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False, repr=False, eq=False)
 class Report:
     """What a batch produced. Failures are collected here, not raised."""
 
@@ -161,6 +222,39 @@ class Report:
     processes: int = 1
     """Processes that shared the transfers (more than one for long lists on several
     cores: ``FetchConfig.download_processes``)."""
+
+    def __init__(self, results: list[Result] = _FACTORY, failures: list[Result] = _FACTORY,
+                 counts: dict[str, int] = _FACTORY, bytes: int = 0, elapsed_s: float = 0.0,
+                 interrupted: bool = False, stopped: str | None = None,
+                 manifest: str | None = None, sink: dict[str, Any] | None = None,
+                 processes: int = 1) -> None:
+        self.results = [] if results is _FACTORY else results
+        self.failures = [] if failures is _FACTORY else failures
+        self.counts = {"ok": 0, "skipped": 0, "failed": 0} if counts is _FACTORY else counts
+        self.bytes = bytes
+        self.elapsed_s = elapsed_s
+        self.interrupted = interrupted
+        self.stopped = stopped
+        self.manifest = manifest
+        self.sink = sink
+        self.processes = processes
+
+    @reprlib.recursive_repr()
+    def __repr__(self) -> str:
+        return (f"{self.__class__.__qualname__}(results={self.results!r}, "
+                f"failures={self.failures!r}, counts={self.counts!r}, bytes={self.bytes!r}, "
+                f"elapsed_s={self.elapsed_s!r}, interrupted={self.interrupted!r}, "
+                f"stopped={self.stopped!r}, manifest={self.manifest!r}, sink={self.sink!r}, "
+                f"processes={self.processes!r})")
+
+    def __eq__(self, other: Any) -> bool:
+        if other.__class__ is self.__class__:
+            return (self.results, self.failures, self.counts, self.bytes, self.elapsed_s,
+                    self.interrupted, self.stopped, self.manifest, self.sink, self.processes) \
+                == (other.results, other.failures, other.counts, other.bytes,
+                    other.elapsed_s, other.interrupted, other.stopped, other.manifest,
+                    other.sink, other.processes)
+        return NotImplemented
 
     def add(self, result: Result, *, keep: bool = True) -> None:
         """Count ``result``; keep it in ``results`` when ``keep``.
