@@ -1,6 +1,7 @@
-"""Job, Result and Report write out __init__, __repr__, __eq__ (and Job's __hash__)
-instead of letting dataclasses generate them at import: they must behave exactly like
-what dataclasses would generate from the same fields, field added later included."""
+"""Job, Result, Report (and http.Prefetched) write out __init__, __repr__, __eq__ (and
+Job's __hash__) instead of letting dataclasses generate them at import: they must
+behave exactly like what dataclasses would generate from the same fields, a field
+added later included."""
 
 from __future__ import annotations
 
@@ -13,9 +14,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fetcher.http import Prefetched
 from fetcher.models import Job, Report, Result
 
-CLASSES = [Job, Result, Report]
+CLASSES = [Job, Result, Report, Prefetched]
 
 
 def _generated(cls: type) -> type:
