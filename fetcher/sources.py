@@ -25,7 +25,6 @@ import ipaddress
 import os
 import re
 import sys
-import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import IO, TYPE_CHECKING, Any, TypeAlias, cast
 
@@ -304,8 +303,14 @@ def _lines(f: IO[str], name: str) -> Iterator[str]:
     while True:
         try:
             line = readline(MAX_LINE)
-        except (OSError, EOFError, ValueError, zlib.error) as exc:
+        except (OSError, EOFError, ValueError) as exc:
             # UnicodeDecodeError is a ValueError; so is reading a closed file.
+            raise _read_error(exc, name, lineno + 1) from exc
+        except Exception as exc:
+            # A corrupt .gz: gzip imported zlib (plain lists do not import it at all).
+            zlib = sys.modules.get("zlib")
+            if zlib is None or not isinstance(exc, zlib.error):
+                raise
             raise _read_error(exc, name, lineno + 1) from exc
         if not line:
             return
