@@ -13,10 +13,8 @@ import errno
 import fnmatch
 import functools
 import hashlib
-import json
 import os
 import queue
-import random
 import stat
 import threading
 import time
@@ -238,9 +236,11 @@ def partial_name(url: str, rel: str) -> str:
 
 
 def backoff_delay(config: FetchConfig, attempt: int) -> float:
-    """Exponential backoff with full jitter, capped."""
-    cap = min(config.backoff_max, config.backoff_base * (2 ** (attempt - 1)))
-    return random.uniform(cap / 2, cap)
+    """Exponential backoff, capped, with jitter: a random delay between half the cap and
+    the cap. (os.urandom rather than random: importing random costs ~1.5 ms of every
+    start, and may fail for want of a file descriptor when a retry is for that.)"""
+    cap: float = min(config.backoff_max, config.backoff_base * 2.0 ** (attempt - 1))
+    return cap * (0.5 + int.from_bytes(os.urandom(2), "big") / 131070)
 
 
 class SkipExisting(Exception):
@@ -520,6 +520,8 @@ def _resume_point(part: str, meta: str, url: str) -> tuple[int, str]:
         size = os.stat(part).st_size
     except FileNotFoundError:
         return 0, ""
+    import json  # resume sidecars only: most runs never read one
+
     try:
         with open(meta, encoding="utf-8") as fh:
             info = json.load(fh)
@@ -535,6 +537,8 @@ def _write_meta(meta: str, url: str, resp: Response, total: int | None) -> None:
     validator = resp.headers.get("ETag") or resp.headers.get("Last-Modified") or ""
     if validator.startswith("W/"):
         validator = ""  # weak ETags are not allowed in If-Range
+    import json  # bodies over 64 KiB only
+
     data = json.dumps({"url": url, "validator": validator, "total": total})
     try:
         with open(meta, "w", encoding="utf-8") as fh:

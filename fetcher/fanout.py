@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import json
 import os
 import pickle
 import select
@@ -106,6 +105,8 @@ def _portable(extra: Any) -> dict[str, Any] | None:
         return None
     if type(extra) is dict and all(type(v) in _JSON_SCALARS for v in extra.values()):
         return extra
+    import json
+
     from .models import encode_record
 
     portable: dict[str, Any] = json.loads(encode_record(dict(extra)))
@@ -382,6 +383,8 @@ class Fanout:
 
     def _journaled(self, wanted: dict[tuple[str, str], Job]) -> dict[tuple[str, str], Any]:
         """Manifest records written since the fork for the (url, path) pairs wanted."""
+        import json
+
         found: dict[tuple[str, str], Any] = {}
         manifest = self.owner.manifest
         if manifest is None:

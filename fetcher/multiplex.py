@@ -537,9 +537,9 @@ class Multiplexer:
             self._handoff(job, rel, exc)
             return
         started = time.monotonic()
-        self._done(Result(url=item.shown, path=rel, status="ok", bytes=len(body),
-                          sha256=digest, http_status=200, attempts=1,
-                          elapsed_s=time.monotonic() - item.started), job)
+        # Positional: keywords to a class call cost a dict per file.
+        self._done(Result(item.shown, rel, "ok", len(body), digest, 200, 1,
+                          time.monotonic() - item.started), job)
         self._excuse(time.monotonic() - started)
 
     def _pass_response(self, conn: _Conn) -> None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import threading
 from typing import Any
@@ -61,6 +60,8 @@ class SplitDownload:
     def resumable(cls, ctx: Any, url: str, shown: str, part: str,
                   meta: str) -> SplitDownload | None:
         """A split transfer to continue from an earlier run's sidecar, if there is one."""
+        import json  # resume sidecars only
+
         try:
             with open(meta, encoding="utf-8") as fh:
                 info = json.load(fh)
@@ -197,6 +198,8 @@ class SplitDownload:
             self._save()
 
     def _save(self) -> None:
+        import json
+
         data = {"url": self.url, "validator": self.validator, "total": self.total,
                 "segments": self.segments}
         with open(self.meta, "w", encoding="utf-8") as fh:
