@@ -67,9 +67,9 @@ class FetchConfig:
     retry_after_max: float = 300.0
     """Longest Retry-After honoured; a server asking for more fails the item instead."""
     download_processes: int | None = None
-    """Processes sharing the transfers (fork, POSIX only): the list is still read, named
-    and journaled by this one. None: one per core, up to 4, for runs of at least
-    ``FANOUT_MIN_ITEMS`` items whose options allow it; 1: this process only."""
+    """Processes sharing the transfers, this one included (the others forked; POSIX
+    only): the list is still read and named here. None: one per core, up to 4, for runs
+    of at least ``FANOUT_MIN_ITEMS`` items whose options allow it; 1: this one alone."""
     window: int | None = None
     """Jobs in flight at most (submitted, not finished); None means ``4 * threads``."""
     manifest: Path | None = None

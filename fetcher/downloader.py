@@ -296,16 +296,23 @@ class _Run:
         """Download every planned item on this machine (cluster.py overrides).
 
         Runs the selector loop of ``multiplex.py`` with the thread pool behind it for
-        what the loop hands over, or the thread pool alone when options need it; or,
-        for a long list on several cores, plans here and hands the transfers to the
-        processes of ``fanout.py``.
+        what the loop hands over, or the thread pool alone when options need it. For a
+        long list on several cores the loop here takes its share of the transfers and
+        the worker processes of ``fanout.py`` the rest.
         """
-        if self._fanout is not None:
-            self._fanout.run(self._planned(jobs))
-            return
-        pool = _Pool(self.cfg.threads)
+        fan = self._fanout
+        pool = _Pool(fan.share if fan is not None else self.cfg.threads)
         try:
-            if loop_eligible(self.cfg):
+            if fan is not None:
+                try:
+                    self._multiplex(fan.items(self._planned(jobs)), pool, share=fan.share,
+                                    feed=fan)
+                except BaseException:
+                    self._interrupt()  # passed on to the workers by finish()
+                    fan.finish()
+                    raise
+                fan.finish()  # the workers, until each has ended
+            elif loop_eligible(self.cfg):
                 self._multiplex(self._planned(jobs), pool)
             else:
                 self._schedule(jobs, pool)
