@@ -130,9 +130,31 @@ def test_console_script_fast_path_skips_typer(tmp_path: Path) -> None:
     probe = ("import sys, runpy\n"
              "sys.argv = ['fetcher', 'get', sys.argv[1], '-o', sys.argv[2], '-q']\n"
              "try:\n    runpy.run_module('fetcher', run_name='__main__')\n"
-             "finally:\n    print('typer' in sys.modules, file=sys.stderr)\n")
+             "finally:\n    print('typer' in sys.modules, 'ast' in sys.modules,"
+             " file=sys.stderr)\n")
     done = subprocess.run([sys.executable, "-c", probe, str(bad), str(tmp_path / "o")],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
     assert "list.txt:1" in done.stderr
-    assert done.stderr.strip().endswith("False")
+    assert done.stderr.strip().endswith("False False")  # no typer, no inspect (ast)
+
+
+def test_a_deferred_module_loads_on_first_use() -> None:
+    """inspect, deferred by the entry point, is the real module from its first use on,
+    through the name any module bound before that, and from then on in sys.modules."""
+    probe = ("import sys\n"
+             "from fetcher.entry import _defer_inspect\n"
+             "_defer_inspect()\n"
+             "import dataclasses, inspect\n"
+             "assert 'ast' not in sys.modules\n"
+             "@dataclasses.dataclass\n"
+             "class NoDoc:\n    x: int = 1\n"  # dataclasses calls inspect.signature here
+             "assert NoDoc.__doc__ == 'NoDoc(x: int = 1)', NoDoc.__doc__\n"
+             "real = sys.modules['inspect']\n"
+             "assert type(real).__name__ == 'module' and 'ast' in sys.modules\n"
+             "assert inspect.signature is real.signature\n"
+             "print('ok')\n")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok"
