@@ -123,6 +123,16 @@ def _frame(message: tuple[Any, ...]) -> bytes:
     return _LEN.pack(len(data)) + data
 
 
+def _read(sock: socket.socket) -> bytes | None:
+    """What the link holds: bytes, b"" at EOF (or a broken link), None for nothing yet."""
+    try:
+        return sock.recv(_RECV)
+    except (BlockingIOError, InterruptedError):
+        return None
+    except OSError:
+        return b""
+
+
 class _Inbox:
     """Bytes from a socket in, whole messages out."""
 
@@ -379,12 +389,9 @@ class Fanout:
             self._sel.modify(child.sock, events, child)
 
     def _receive(self, child: _Child) -> None:
-        try:
-            data = child.sock.recv(_RECV)
-        except (BlockingIOError, InterruptedError):
+        data = _read(child.sock)
+        if data is None:
             return
-        except OSError:
-            data = b""
         if not data:
             self._ended(child)
             return
@@ -576,12 +583,9 @@ class _Worker:
 
     def pump(self) -> None:
         """The parent wrote: take items and notices."""
-        try:
-            data = self.sock.recv(_RECV)
-        except (BlockingIOError, InterruptedError):
+        data = _read(self.sock)
+        if data is None:
             return
-        except OSError:
-            data = b""
         ctx = self.run.ctx
         if not data:  # the parent is gone: stop as a Ctrl-C would, keep partial files
             self.ended = True

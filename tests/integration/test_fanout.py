@@ -20,6 +20,7 @@ from fetcher import fetch
 from fetcher.config import FANOUT_MIN_ITEMS, FetchConfig
 from fetcher.fanout import fanout_width
 from tests.httpserver import TestServer
+from tests.procutil import gone, wait_children
 
 
 def _records(dest: Path) -> list[dict[str, Any]]:
@@ -117,45 +118,6 @@ def _cli(args: list[str], **kw: Any) -> subprocess.Popen[str]:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
 
-def _children(pid: int) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(entry))
-    return found
-
-
-def _wait_children(pid: int, count: int, limit: float = 10.0) -> list[int]:
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        kids = _children(pid)
-        if len(kids) >= count:
-            return kids
-        time.sleep(0.02)
-    raise AssertionError(f"{pid} has no {count} children")
-
-
-def _gone(pids: list[int], limit: float = 10.0) -> bool:
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        if not any(Path(f"/proc/{p}").exists() and "Z" not in _state(p) for p in pids):
-            return True
-        time.sleep(0.05)
-    return False
-
-
-def _state(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return "gone"
-
-
 @pytest.fixture
 def slow_list(server: TestServer, tmp_path: Path) -> Path:
     """300 files, the first 24 slow (a second each): workers busy for a while."""
@@ -171,7 +133,7 @@ def test_a_killed_worker_fails_its_items_and_the_rest_go_on(slow_list: Path,
     dest = tmp_path / "o"
     proc = _cli([str(slow_list), "-o", str(dest), "--threads", "8",
                  "--download-processes", "3", "--json", "-q", "--timeout", "5"])
-    kids = _wait_children(proc.pid, 2)
+    kids = wait_children(proc.pid, 2)
     time.sleep(0.5)
     os.kill(kids[0], signal.SIGKILL)
     out, err = proc.communicate(timeout=120)
@@ -190,14 +152,14 @@ def test_ctrl_c_cancels_every_process_and_exits_130(slow_list: Path, tmp_path: P
     dest = tmp_path / "o"
     proc = _cli([str(slow_list), "-o", str(dest), "--threads", "8",
                  "--download-processes", "3"])
-    kids = _wait_children(proc.pid, 2)
+    kids = wait_children(proc.pid, 2)
     time.sleep(0.5)
     sent = time.monotonic()
     proc.send_signal(signal.SIGINT)
     proc.wait(15)
     assert time.monotonic() - sent < 5
     assert proc.returncode == 130
-    assert _gone(kids, 5)
+    assert gone(kids, 5)
     records = _records(dest)
     cancelled = [r for r in records if r["status"] == "failed"]
     assert cancelled and all(r["error_type"] == "CancelledError" for r in cancelled)
@@ -210,11 +172,11 @@ def test_workers_stop_when_their_parent_is_killed(server: TestServer, tmp_path: 
     lst.write_text("\n".join(urls) + "\n")
     proc = _cli([str(lst), "-o", str(tmp_path / "o"), "--threads", "8",
                  "--download-processes", "3", "-q"])
-    kids = _wait_children(proc.pid, 2)
+    kids = wait_children(proc.pid, 2)
     time.sleep(0.3)
     proc.kill()
     proc.wait(10)
-    assert _gone(kids, 3)  # EOF on the link cancels them; unaware, they would take 5 s+
+    assert gone(kids, 3)  # EOF on the link cancels them; unaware, they would take 5 s+
 
 
 def test_width_policy() -> None:

@@ -23,6 +23,7 @@ import pytest
 from fetcher import Job, fetch, wire
 from fetcher.download import RunContext
 from tests.httpserver import TestServer
+from tests.procutil import alive, children, wait_children
 from tests.rawserver import RawServer, ok
 
 
@@ -36,37 +37,6 @@ def _lines(dest: Path) -> int:
         return (dest / ".fetcher" / "manifest.jsonl").read_bytes().count(b"\n")
     except OSError:
         return 0
-
-
-def _children(pid: int) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(entry))
-    return found
-
-
-def _wait_children(pid: int, count: int, limit: float = 5.0) -> list[int]:
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        kids = _children(pid)
-        if len(kids) >= count:
-            return kids
-        time.sleep(0.005)
-    raise AssertionError(f"{pid} has no {count} children")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 def _wait_lines(dest: Path, n: int, limit: float = 5.0, *, spin: bool = False) -> None:
@@ -146,15 +116,15 @@ def test_workers_exit_when_the_parent_dies_after_the_list_ended(
     run = _Cli([str(_small_then_slow(server, tmp_path)), "-o", str(dest), "--threads", "8",
                 "--download-processes", "3", "-q"])
     cli.append(run)
-    kids = _wait_children(run.pid, 2)
+    kids = wait_children(run.pid, 2)
     _wait_lines(dest, 40)
     time.sleep(0.3)
     os.kill(run.pid, signal.SIGKILL)
     run.proc.wait(5)
     deadline = time.monotonic() + 3  # unaware of it, they would run ~10 s
-    while any(_alive(k) for k in kids) and time.monotonic() < deadline:
+    while any(alive(k) for k in kids) and time.monotonic() < deadline:
         time.sleep(0.02)
-    left = [k for k in kids if _alive(k)]
+    left = [k for k in kids if alive(k)]
     assert not left, f"orphaned download processes still running: {left}"
 
 
@@ -186,7 +156,7 @@ def test_a_killed_worker_journals_no_item_twice(tmp_path: Path, cli: list[_Cli])
         run = _Cli([str(lst), "-o", str(dest), "--threads", "8", "--download-processes", "3",
                     "--json", "-q", "--retries", "0", "--timeout", "5"])
         cli.append(run)
-        kids = _wait_children(run.pid, 2)
+        kids = wait_children(run.pid, 2)
         _wait_lines(dest, 4, spin=True)  # now0, now1, soon2, soon3 published and journaled
         for kid in kids:
             os.kill(kid, signal.SIGKILL)
@@ -212,7 +182,7 @@ def test_when_every_worker_dies_this_process_finishes_the_list(
     run = _Cli([str(lst), "-o", str(dest), "--threads", "6", "--download-processes", "3",
                 "--json", "-q"])
     cli.append(run)
-    kids = _wait_children(run.pid, 2)
+    kids = wait_children(run.pid, 2)
     time.sleep(0.3)
     for kid in kids:
         os.kill(kid, signal.SIGKILL)
@@ -295,7 +265,7 @@ def test_a_fork_while_another_thread_builds_a_tls_context_does_not_hang(
     helper = threading.Thread(target=other_thread, daemon=True)
     helper.start()
     assert held.wait(5)
-    before = set(_children(os.getpid()))
+    before = set(children(os.getpid()))
     box: dict[str, Any] = {}
 
     def run() -> None:
@@ -306,7 +276,7 @@ def test_a_fork_while_another_thread_builds_a_tls_context_does_not_hang(
     runner.start()
     try:
         deadline = time.monotonic() + 5
-        while not set(_children(os.getpid())) - before and time.monotonic() < deadline:
+        while not set(children(os.getpid())) - before and time.monotonic() < deadline:
             time.sleep(0.005)
         time.sleep(0.2)  # forked: the workers' copy of the lock is held for good
         release.set()  # the other thread is done: the lock is free again in this process
@@ -314,7 +284,7 @@ def test_a_fork_while_another_thread_builds_a_tls_context_does_not_hang(
         stuck = runner.is_alive()
     finally:
         release.set()
-        for pid in set(_children(os.getpid())) - before:  # never leave a worker behind
+        for pid in set(children(os.getpid())) - before:  # never leave a worker behind
             with contextlib.suppress(Exception):
                 os.kill(pid, signal.SIGKILL)
         runner.join(10)

@@ -48,6 +48,7 @@ from fetcher.executors import (
     start_method,
     usable_cpu_count,
 )
+from tests.procutil import alive, descendants
 
 MODES = ["sequential", "thread", "process"]
 ROOT = Path(__file__).resolve().parents[2]
@@ -364,38 +365,6 @@ if __name__ == "__main__":
 """
 
 
-def _descendants(pid: int) -> set[int]:
-    """PIDs below ``pid``, from /proc (psutil when available)."""
-    try:
-        import psutil
-    except ImportError:
-        children: dict[int, list[int]] = {}
-        for entry in os.listdir("/proc"):
-            if entry.isdigit():
-                try:
-                    stat = Path(f"/proc/{entry}/stat").read_text()
-                except OSError:
-                    continue
-                ppid = int(stat.rsplit(")", 1)[1].split()[1])
-                children.setdefault(ppid, []).append(int(entry))
-        out: set[int] = set()
-        todo = [pid]
-        while todo:
-            for c in children.get(todo.pop(), []):
-                out.add(c)
-                todo.append(c)
-        return out
-    return {p.pid for p in psutil.Process(pid).children(recursive=True)}
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
-
-
 @pytest.mark.parametrize("which", ["process", "thread"])
 def test_ctrl_c_leaves_no_child_process(tmp_path: Path, which: str) -> None:
     script = tmp_path / "ctrl_c.py"
@@ -407,16 +376,16 @@ def test_ctrl_c_leaves_no_child_process(tmp_path: Path, which: str) -> None:
         assert proc.stdout is not None
         for _ in range(2):  # both workers are inside an item
             assert proc.stdout.readline().startswith("started")
-        kids = _descendants(proc.pid)
+        kids = descendants(proc.pid)
         if which == "process":
             assert len(kids) >= 2
         t0 = time.monotonic()
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=3)
-        while any(_alive(k) for k in kids) and time.monotonic() - t0 < 3:
+        while any(alive(k) for k in kids) and time.monotonic() - t0 < 3:
             time.sleep(0.02)
         elapsed = time.monotonic() - t0
-        assert not [k for k in kids if _alive(k)]
+        assert not [k for k in kids if alive(k)]
         assert elapsed < 2.0
         assert proc.returncode in (-signal.SIGINT, 130, 1)
         assert "KeyboardInterrupt" in (proc.stderr.read() if proc.stderr else "")
@@ -435,13 +404,13 @@ def test_workers_exit_when_the_parent_is_killed(tmp_path: Path) -> None:
     assert proc.stdout is not None
     for _ in range(2):
         assert proc.stdout.readline().startswith("started")
-    kids = _descendants(proc.pid)
+    kids = descendants(proc.pid)
     proc.kill()  # no cleanup code runs in the parent
     proc.wait()
     deadline = time.monotonic() + 3
-    while any(_alive(k) for k in kids) and time.monotonic() < deadline:
+    while any(alive(k) for k in kids) and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert not [k for k in kids if _alive(k)]
+    assert not [k for k in kids if alive(k)]
 
 
 # --------------------------------------------------------------------------- TaskPool

@@ -1,0 +1,65 @@
+"""Processes of the run under test, read from /proc (Linux): children, liveness."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+
+def _stat(pid: int) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name, or None when gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+
+
+def parents() -> dict[int, list[int]]:
+    """Every process's children, by parent PID."""
+    tree: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and (fields := _stat(int(entry))) is not None:
+            tree.setdefault(int(fields[1]), []).append(int(entry))
+    return tree
+
+
+def children(pid: int) -> list[int]:
+    return parents().get(pid, [])
+
+
+def descendants(pid: int) -> set[int]:
+    tree, found, todo = parents(), set(), [pid]
+    while todo:
+        for child in tree.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def alive(pid: int) -> bool:
+    """Running (a zombie waiting for its parent counts as ended)."""
+    fields = _stat(pid)
+    return fields is not None and fields[0] != "Z"
+
+
+def wait_children(pid: int, count: int, limit: float = 10.0) -> list[int]:
+    """The children of ``pid`` once there are ``count`` of them (AssertionError after
+    ``limit`` seconds)."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        kids = children(pid)
+        if len(kids) >= count:
+            return kids
+        time.sleep(0.005)
+    raise AssertionError(f"{pid} has no {count} children")
+
+
+def gone(pids: list[int], limit: float = 10.0) -> bool:
+    """Whether every one of ``pids`` has ended within ``limit`` seconds."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        if not any(alive(p) for p in pids):
+            return True
+        time.sleep(0.02)
+    return False
