@@ -12,7 +12,7 @@ with this one taking its share.)
 What must be decided in one place stays in this (the parent) process: reading the
 list, naming every item (collision-free names in list order), skips and
 ``--on-exists``, the Report, the progress bar and the sink. Planned items go to its own
-loop when it has a free connection, and in batches to every worker with half its limit
+loop when it has a free connection, and in batches of its share to every worker with that much room
 free (the limits add up to the run's window). A worker downloads, verifies and
 publishes exactly as a single-process run does and appends each item's manifest line
 itself, right after publishing, on the descriptor it inherited (``O_APPEND``, one
@@ -157,10 +157,12 @@ class _Inbox:
 # -- the parent ---------------------------------------------------------------------------
 
 class _Child:
-    __slots__ = ("done", "inbox", "index", "items", "limit", "out", "pid", "sock")
+    __slots__ = ("done", "inbox", "index", "items", "limit", "out", "pid", "share", "sock")
 
-    def __init__(self, index: int, pid: int, sock: socket.socket, limit: int) -> None:
-        self.index, self.pid, self.sock, self.limit = index, pid, sock, limit
+    def __init__(self, index: int, pid: int, sock: socket.socket, share: int,
+                 limit: int) -> None:
+        self.index, self.pid, self.sock = index, pid, sock
+        self.share, self.limit = share, limit
         self.inbox = _Inbox()
         self.out = bytearray()
         self.items: dict[int, tuple[Job, str]] = {}
@@ -266,8 +268,8 @@ class Fanout:
         theirs.close()
         ours.setblocking(False)
         # The limits add up to the run's window (4 x threads by default). Items go in
-        # batches of half a limit, reports come back by the share: few wake-ups each way.
-        child = _Child(index, pid, ours, limit=limit)
+        # batches of a share, reports come back by the share: few wake-ups each way.
+        child = _Child(index, pid, ours, share, limit)
         self.children.append(child)
         self._sel.register(ours, selectors.EVENT_READ, child)
         return True
@@ -331,16 +333,17 @@ class Fanout:
             raise KeyboardInterrupt
 
     def _fill(self, items: Iterator[tuple[Job, str]]) -> bool:
-        """Plan a batch (half a limit) for every worker with that much room; True once
-        the list is exhausted or the run stops starting items."""
+        """Plan a batch (its share) for every worker with that much room; True once the
+        list is exhausted or the run stops starting items."""
         ctx = self.owner.ctx
         # With every worker dead, this process's loop takes the rest of the list itself.
         for child in self.children:
             if child.done:
                 continue
-            room = min(child.limit - len(child.items), -(-child.limit // 2))
-            if 2 * room < child.limit:
+            free = child.limit - len(child.items)
+            if free < child.share:
                 continue
+            room = child.share  # a connection's worth each: a short list is shared too
             batch: list[tuple[int, str, str, str | None, Any]] = []
             for _ in range(room):
                 if ctx.cancel.is_set() or ctx.stop_new.is_set():

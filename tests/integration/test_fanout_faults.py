@@ -73,15 +73,29 @@ def cli() -> Iterator[list[_Cli]]:
         run.kill_group()
 
 
-def _small_then_slow(server: TestServer, tmp_path: Path) -> Path:
-    """40 small files, then two large slow ones (thread hand-offs, ~10 s each): once the
-    small ones are journaled, the list has ended and both loops have returned while
-    the large transfers still run on the workers' threads."""
-    urls = [server.add(f"/s{i:02}", os.urandom(300)) for i in range(40)]
-    urls += [server.add(f"/big{i}", os.urandom(400_000), slow_bps=40_000) for i in range(2)]
+def _big_and_slow(server: TestServer, tmp_path: Path) -> Path:
+    """With --threads 8 and 3 processes the loop here takes items 0-2 first, then the
+    workers get a batch of their share each: 3-5 and 6-7. Items 3 and 6 are large and
+    slow (thread hand-offs, ~10 s), everything else small: once the small ones are
+    journaled, the list has ended and each worker's loop has returned while its large
+    transfer still runs on its thread."""
+    urls = [server.add(f"/big{i}", os.urandom(400_000), slow_bps=40_000) if i in (3, 6)
+            else server.add(f"/s{i:02}", os.urandom(300)) for i in range(40)]
     lst = tmp_path / "urls.txt"
     lst.write_text("\n".join(urls) + "\n")
     return lst
+
+
+def _wait_transferring(dest: Path, count: int = 2, limit: float = 10.0) -> None:
+    """Until ``count`` partial files have bytes: every transfer has started."""
+    part = dest / ".fetcher" / "partial"
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError):
+            if sum(1 for p in part.glob("*.part") if p.stat().st_size) >= count:
+                return
+        time.sleep(0.02)
+    raise AssertionError(f"{count} transfers never started")
 
 
 # 1 --------------------------------------------------------------------------------------
@@ -90,11 +104,12 @@ def test_ctrl_c_after_the_list_ended_still_cancels_in_every_process(
     """A worker whose loop has returned (the list ended) still reads its link while its
     threads finish large files: Ctrl-C reaches them and the run exits 130 at once."""
     dest = tmp_path / "o"
-    run = _Cli([str(_small_then_slow(server, tmp_path)), "-o", str(dest), "--threads", "8",
+    run = _Cli([str(_big_and_slow(server, tmp_path)), "-o", str(dest), "--threads", "8",
                 "--download-processes", "3", "--json", "-q"])
     cli.append(run)
-    _wait_lines(dest, 40)
-    time.sleep(0.3)  # the parent has sent "end"; both loops have returned
+    _wait_transferring(dest)
+    _wait_lines(dest, 38)
+    time.sleep(0.3)  # the parent has sent "end"; the workers' loops have returned
     sent = time.monotonic()
     run.proc.send_signal(signal.SIGINT)
     with contextlib.suppress(subprocess.TimeoutExpired):
@@ -113,11 +128,12 @@ def test_workers_exit_when_the_parent_dies_after_the_list_ended(
     """In that same phase, a parent killed is noticed (EOF on the link) and the workers
     cancel instead of running on as orphans."""
     dest = tmp_path / "o"
-    run = _Cli([str(_small_then_slow(server, tmp_path)), "-o", str(dest), "--threads", "8",
+    run = _Cli([str(_big_and_slow(server, tmp_path)), "-o", str(dest), "--threads", "8",
                 "--download-processes", "3", "-q"])
     cli.append(run)
     kids = wait_children(run.pid, 2)
-    _wait_lines(dest, 40)
+    _wait_transferring(dest)
+    _wait_lines(dest, 38)
     time.sleep(0.3)
     os.kill(run.pid, signal.SIGKILL)
     run.proc.wait(5)
