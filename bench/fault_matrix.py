@@ -7,7 +7,9 @@ httpserver) and checks the outcome file by file:
 
 Prints a table: URLs per fault, files complete and byte-correct, failures recorded,
 files outside DIR, partial files under final names, and requests on a re-run for
-files already complete. Exits 1 when any safety figure is not zero.
+files already complete. Runs twice: in one process (with --content-disposition, which
+keeps a run in one process), then shared by two download processes (fanout.py; the
+Content-Disposition fault left out). Exits 1 when any safety figure is not zero.
 """
 
 from __future__ import annotations
@@ -51,11 +53,13 @@ FAULTS: dict[str, tuple[dict[str, object], tuple[str, ...], str]] = {
 }
 
 
-def build(server: TestServer, per_fault: int, size: int) -> tuple[list[str], dict[str, str]]:
+def build(server: TestServer, per_fault: int, size: int,
+          faults: list[str]) -> tuple[list[str], dict[str, str]]:
     """Register routes; return CSV lines and url -> fault name."""
     server.add("/target", os.urandom(size), content_type="image/png")
     lines, kinds = ["url,sha256"], {}
-    for fault, (kw, script, _) in FAULTS.items():
+    for fault in faults:
+        kw, script, _ = FAULTS[fault]
         for i in range(per_fault):
             path = f"/{fault}/{i}.bin"
             route_kw = dict(kw)
@@ -75,18 +79,16 @@ def build(server: TestServer, per_fault: int, size: int) -> tuple[list[str], dic
     return lines, kinds
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--per-fault", type=int, default=15)
-    ap.add_argument("--size", type=int, default=150_000)
-    ap.add_argument("--json", type=Path, default=None)
-    args = ap.parse_args()
-
+def run(per_fault: int, size: int, processes: int) -> tuple[dict[str, dict[str, int]],
+                                                             dict[str, object]]:
+    """One pass of the matrix; its rows and its summary."""
+    alone = processes == 1  # --content-disposition keeps a run in one process
+    faults = [f for f in FAULTS if alone or f != "hostile-cd"]
     server = TestServer().start()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         dest = root / "out"
-        lines, kinds = build(server, args.per_fault, args.size)
+        lines, kinds = build(server, per_fault, size, faults)
         lst = root / "urls.csv"
         lst.write_text("\n".join(lines) + "\n")
         before_outside = set(os.listdir(root))
@@ -99,8 +101,9 @@ def main() -> int:
             timeout=1.0,
             backoff_base=0.05,
             backoff_max=1.5,
-            content_disposition=True,
+            content_disposition=alone,
             expect_type="image/*",
+            download_processes=processes,
         )
         elapsed = time.monotonic() - started
 
@@ -131,23 +134,16 @@ def main() -> int:
         failed_paths = {r.path for r in report.failures if r.path}
         partial_under_final = sum(1 for p in failed_paths if (dest / p).exists())
         server.clear_log()
-        rerun = fetch(
-            lst, dest, threads=16, retries=0, content_disposition=True, expect_type="image/*"
-        )
+        rerun = fetch(lst, dest, threads=16, retries=0, content_disposition=alone,
+                      expect_type="image/*", download_processes=processes)
         complete_urls = {r.url for r in report.results if r.status == "ok"}
         rerun_requests = sum(
             1 for path, _ in server.requests() if server.url(path) in complete_urls
         )
     server.stop()
-
-    print(f"{'fault':22} {'urls':>5} {'ok+correct':>10} {'failed+recorded':>15} {'unexpected':>10}")
-    for fault, row in rows.items():
-        print(
-            f"{fault:22} {row['urls']:5d} {row['ok_correct']:10d} "
-            f"{row['failed_recorded']:15d} {row['unexpected']:10d}"
-        )
     total = len(report.results)
-    summary = {
+    summary: dict[str, object] = {
+        "processes": report.processes,
         "urls": total,
         "elapsed_s": round(elapsed, 2),
         "complete_and_byte_correct": correct_total,
@@ -159,17 +155,41 @@ def main() -> int:
         "rerun_skipped": rerun.counts["skipped"],
         "unexpected_outcomes": sum(r["unexpected"] for r in rows.values()),
     }
-    print(json.dumps(summary, indent=2))
+    return rows, summary
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--per-fault", type=int, default=15)
+    ap.add_argument("--size", type=int, default=150_000)
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+
+    passes = {}
+    bad = False
+    for processes in (1, 2):
+        rows, summary = run(args.per_fault, args.size, processes)
+        passes[f"processes={processes}"] = {"rows": rows, "summary": summary}
+        print(f"\n-- {processes} download process{'es' if processes > 1 else ''}")
+        print(f"{'fault':22} {'urls':>5} {'ok+correct':>10} {'failed+recorded':>15} "
+              f"{'unexpected':>10}")
+        for fault, row in rows.items():
+            print(
+                f"{fault:22} {row['urls']:5d} {row['ok_correct']:10d} "
+                f"{row['failed_recorded']:15d} {row['unexpected']:10d}"
+            )
+        print(json.dumps(summary, indent=2))
+        bad = bad or bool(
+            summary["files_outside_dir"]
+            or summary["partial_files_under_final_names"]
+            or summary["rerun_requests_for_complete_files"]
+            or summary["unexpected_outcomes"]
+            or summary["manifest_lines"] != summary["urls"]
+            or summary["processes"] != processes
+        )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"rows": rows, "summary": summary}, indent=2))
-    bad = (
-        summary["files_outside_dir"]
-        or summary["partial_files_under_final_names"]
-        or summary["rerun_requests_for_complete_files"]
-        or summary["unexpected_outcomes"]
-        or summary["manifest_lines"] != total
-    )
+        args.json.write_text(json.dumps(passes, indent=2))
     return 1 if bad else 0
 
 

@@ -9,17 +9,18 @@ that only planned and dispatched cost more: four busy processes on two cores mea
 ~900 preemptions and 30% more CPU per run for 6% less wall time, against 14% and 17%
 with this one taking its share.)
 
-What must be decided in one place stays in this (the parent) process: reading the
-list, naming every item (collision-free names in list order), skips and
-``--on-exists``, the Report, the progress bar and the sink. Planned items go to its own
-loop when it has a free connection, and in batches of its share to every worker with that much room
-free (the limits add up to the run's window). A worker downloads, verifies and
-publishes exactly as a single-process run does and appends each item's manifest line
-itself, right after publishing, on the descriptor it inherited (``O_APPEND``, one
-``write`` a line, so lines of several processes never interleave and a crash leaves
-no published file unjournaled). It reports back only what the parent counts: sequence
-numbers of items that ended ok, and whole Results for failures, or for every item when
-the sink or ``keep_results`` needs them.
+What must be decided in one place stays in this (the parent) process: reading the list,
+naming every item (collision-free names in list order), skips and ``--on-exists``, the
+Report, the progress bar and the sink. Planned items go to its own loop when it has a
+free connection, and in batches of its share to every worker with that much room free
+(at most twice its share queued or running, within the run's window: items queued behind
+a slow one cannot move to another process). A worker downloads, verifies and publishes
+exactly as a single-process run does and appends each item's manifest line itself, right
+after publishing, on the descriptor it inherited (``O_APPEND``, one ``write`` a line, so
+lines of several processes never interleave and a crash leaves no published file
+unjournaled). It reports back only what the parent counts: sequence numbers of items
+that ended ok, and whole Results for failures, or for every item when the sink or
+``keep_results`` needs them.
 
 Run-wide state crosses over as messages: Retry-After pauses (met in any process, they
 hold the host in all), a stop (full disk, a failed sink) and cancellation. Workers
@@ -210,7 +211,8 @@ class Fanout:
         connections, window = capacity_of(cfg), cfg.in_flight
         width = min(self.width, connections)
         shares = _split(connections, width)
-        limits = [max(share, w) for share, w in zip(shares, _split(window, width), strict=True)]
+        limits = [max(share, min(2 * share, w))
+                  for share, w in zip(shares, _split(window, width), strict=True)]
         self.share = shares.pop(0)  # this process's loop; the rest go to the workers
         limits.pop(0)
         for stream in (sys.stdout, sys.stderr):  # nothing buffered is written twice
@@ -267,8 +269,8 @@ class Fanout:
                 os._exit(code)
         theirs.close()
         ours.setblocking(False)
-        # The limits add up to the run's window (4 x threads by default). Items go in
-        # batches of a share, reports come back by the share: few wake-ups each way.
+        # Limits: two shares, within the window. Items go in batches of a share, reports
+        # come back by the share: few wake-ups each way.
         child = _Child(index, pid, ours, share, limit)
         self.children.append(child)
         self._sel.register(ours, selectors.EVENT_READ, child)
