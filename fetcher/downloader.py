@@ -298,7 +298,7 @@ class _Run:
         Runs the selector loop of ``multiplex.py`` with the thread pool behind it for
         what the loop hands over, or the thread pool alone when options need it. For a
         long list on several cores the loop here takes its share of the transfers and
-        the worker processes of ``fanout.py`` the rest.
+        the worker processes of ``fanout`` the rest.
         """
         fan = self._fanout
         pool = _Pool(fan.share if fan is not None else self.cfg.threads)

@@ -85,7 +85,7 @@ Handoff = Callable[[Job, str, Prefetched | ItemError | None], None]
 
 WAIT: Any = ("wait",)
 """What an item source yields when it has nothing yet but is not exhausted (the items
-of a fan-out worker arrive from its parent; see ``fanout.py``)."""
+of a fan-out worker arrive from its parent; see ``fanout``)."""
 
 
 def loop_eligible(config: FetchConfig) -> bool:

@@ -1,4 +1,4 @@
-"""Transfers shared by forked download processes (``fanout.py``) keep every guarantee."""
+"""Transfers shared by forked download processes (``fanout``) keep every guarantee."""
 
 from __future__ import annotations
 

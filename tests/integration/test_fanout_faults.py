@@ -1,4 +1,4 @@
-"""Faults around the fan-out (``fanout.py``) that an independent review found; each test
+"""Faults around the fan-out (``fanout``) that an independent review found; each test
 failed before its fix. Real servers on 127.0.0.1 only; every test under ~5 s."""
 
 from __future__ import annotations

@@ -1,161 +1,29 @@
-"""A long list of small files on every core: one run's transfers shared by forked processes.
-
-On one core the small-file loop (``multiplex.py``) spends ~50 us of interpreter time
-per file, so a run of thousands of small files is bound by one CPU while the others
-idle. Threads cannot help (the GIL), so a run of ``width`` processes forks
-``width - 1`` workers; each process, this one included, runs the same loop with its
-own thread pool behind it on its share of the ``--threads`` connections. (A parent
-that only planned and dispatched cost more: four busy processes on two cores meant
-~900 preemptions and 30% more CPU per run for 6% less wall time, against 14% and 17%
-with this one taking its share.)
-
-What must be decided in one place stays in this (the parent) process: reading the list,
-naming every item (collision-free names in list order), skips and ``--on-exists``, the
-Report, the progress bar and the sink. Planned items go to its own loop when it has a
-free connection, and in batches of its share to every worker with that much room free
-(at most twice its share queued or running, within the run's window: items queued behind
-a slow one cannot move to another process). A worker downloads, verifies and publishes
-exactly as a single-process run does and appends each item's manifest line itself, right
-after publishing, on the descriptor it inherited (``O_APPEND``, one ``write`` a line, so
-lines of several processes never interleave and a crash leaves no published file
-unjournaled). It reports back only what the parent counts: sequence numbers of items
-that ended ok, and whole Results for failures, or for every item when the sink or
-``keep_results`` needs them.
-
-Run-wide state crosses over as messages: Retry-After pauses (met in any process, they
-hold the host in all), a stop (full disk, a failed sink) and cancellation. Workers
-ignore SIGINT; the parent's Ctrl-C cancels them, and a parent that dies (EOF on the
-link) cancels them too. A worker that dies fails its unfinished items with
-``DownloadProcessError`` (those it had journaled are taken from the manifest), and
-the others, this process included, go on with the rest of the list.
-
-Messages are pickles with a 4-byte length, over one socketpair per worker. The parent
-never blocks on a worker (non-blocking sends, buffered); a worker's sends block only
-while the parent is busy, which its read timeouts forgive (``Multiplexer._excuse``).
-"""
+"""The parent's side of a fan-out run (see the package docstring)."""
 
 from __future__ import annotations
 
 import collections
 import contextlib
 import os
-import pickle
 import select
 import selectors
 import signal
 import socket
-import struct
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from .config import FANOUT_MIN_ITEMS, FetchConfig
-from .errors import DownloadProcessError
-from .http import redact
-from .models import Job, Result
-from .multiplex import WAIT, SigintCancels, capacity_of
-from .progress import NullProgress
+from ..errors import DownloadProcessError
+from ..http import redact
+from ..models import Job, Result
+from ..multiplex import SigintCancels, capacity_of
+from ._link import BUF, QUIT_GRACE, Inbox, frame, portable, read_link, split_evenly
+from ._worker import Worker
 
 if TYPE_CHECKING:
-    from .downloader import _Run
+    from ..downloader import _Run
 
-FANOUT_MAX = 4
-"""Most worker processes chosen automatically: past this the parent's planning (~15 us
-an item) limits the run, not the workers."""
-_LEN = struct.Struct("!I")
-_PICKLE = pickle.HIGHEST_PROTOCOL
-_BUF = 1 << 20
-"""Socket buffer size each way: room for thousands of reports, so a worker rarely waits."""
-_RECV = 64 * 1024
-_QUIT_GRACE = 10.0
-"""Seconds a cancelled worker gets to journal its items and exit before it is killed."""
-
-
-def fanout_width(cfg: FetchConfig, total: int | None) -> int:
-    """How many processes share a run's transfers, this one included (1: it alone).
-
-    ``download_processes`` decides when set. Otherwise: one per available core (up to
-    ``FANOUT_MAX``) for lists of at least ``FANOUT_MIN_ITEMS``, and only while this
-    process runs no other thread (forking a threaded program is safe only for code
-    that takes none of their locks, which a library cannot promise for its caller).
-    """
-    if not hasattr(os, "fork"):
-        return 1
-    wanted = cfg.download_processes
-    if wanted is None:
-        if total is None or total < FANOUT_MIN_ITEMS or threading.active_count() > 1:
-            return 1
-        try:
-            cores = len(os.sched_getaffinity(0))
-        except (AttributeError, OSError):
-            cores = os.cpu_count() or 1
-        wanted = min(cores, FANOUT_MAX)
-    return max(1, min(wanted, cfg.threads))
-
-
-def _split(total: int, parts: int) -> list[int]:
-    """``total`` in ``parts`` near-equal whole shares."""
-    return [total // parts + (i < total % parts) for i in range(parts)]
-
-
-_JSON_SCALARS = (str, int, float, bool, type(None))
-
-
-def _portable(extra: Any) -> dict[str, Any] | None:
-    """A job's carried columns as a worker can receive them: as they are when plain
-    (the usual CSV strings), else as the manifest will show them (``str()`` of what
-    JSON cannot hold), which pickles whatever the caller put there."""
-    if not extra:
-        return None
-    if type(extra) is dict and all(type(v) in _JSON_SCALARS for v in extra.values()):
-        return extra
-    import json
-
-    from .models import encode_record
-
-    portable: dict[str, Any] = json.loads(encode_record(dict(extra)))
-    return portable
-
-
-def _frame(message: tuple[Any, ...]) -> bytes:
-    data = pickle.dumps(message, _PICKLE)
-    return _LEN.pack(len(data)) + data
-
-
-def _read(sock: socket.socket) -> bytes | None:
-    """What the link holds: bytes, b"" at EOF (or a broken link), None for nothing yet."""
-    try:
-        return sock.recv(_RECV)
-    except (BlockingIOError, InterruptedError):
-        return None
-    except OSError:
-        return b""
-
-
-class _Inbox:
-    """Bytes from a socket in, whole messages out."""
-
-    def __init__(self) -> None:
-        self._buf = bytearray()
-
-    def messages(self, data: bytes) -> list[tuple[Any, ...]]:
-        buf = self._buf
-        buf += data
-        out: list[tuple[Any, ...]] = []
-        start = 0
-        while len(buf) - start >= 4:
-            (size,) = _LEN.unpack_from(buf, start)
-            if len(buf) - start - 4 < size:
-                break
-            out.append(pickle.loads(buf[start + 4:start + 4 + size]))
-            start += 4 + size
-        del buf[:start]
-        return out
-
-
-# -- the parent ---------------------------------------------------------------------------
 
 class _Child:
     __slots__ = ("done", "inbox", "index", "items", "limit", "out", "pid", "share", "sock")
@@ -164,7 +32,7 @@ class _Child:
                  limit: int) -> None:
         self.index, self.pid, self.sock = index, pid, sock
         self.share, self.limit = share, limit
-        self.inbox = _Inbox()
+        self.inbox = Inbox()
         self.out = bytearray()
         self.items: dict[int, tuple[Job, str]] = {}
         """Items sent and not yet reported, by sequence number."""
@@ -210,9 +78,9 @@ class Fanout:
         cfg = self.owner.cfg
         connections, window = capacity_of(cfg), cfg.in_flight
         width = min(self.width, connections)
-        shares = _split(connections, width)
+        shares = split_evenly(connections, width)
         limits = [max(share, min(2 * share, w))
-                  for share, w in zip(shares, _split(window, width), strict=True)]
+                  for share, w in zip(shares, split_evenly(window, width), strict=True)]
         self.share = shares.pop(0)  # this process's loop; the rest go to the workers
         limits.pop(0)
         for stream in (sys.stdout, sys.stderr):  # nothing buffered is written twice
@@ -245,8 +113,8 @@ class Fanout:
     def _fork(self, index: int, share: int, limit: int) -> bool:
         ours, theirs = socket.socketpair()
         for sock in (ours, theirs):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _BUF)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _BUF)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, BUF)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, BUF)
         try:
             pid = os.fork()
         except OSError:  # EAGAIN, ENOMEM: fewer processes, not a failed run
@@ -259,7 +127,7 @@ class Fanout:
                 ours.close()
                 for other in self.children:  # their EOF must mean *their* parent died
                     other.sock.close()
-                code = _Worker(self.owner, theirs, share, self._full).serve()
+                code = Worker(self.owner, theirs, share, self._full).serve()
             except BaseException:
                 with contextlib.suppress(BaseException):
                     import traceback
@@ -326,7 +194,7 @@ class Fanout:
                 self.tick()
                 if select.select([self._sel.fileno()], [], [], 0.1)[0]:
                     self.pump()
-                if self._told_cancel and time.monotonic() - self._cancel_at > _QUIT_GRACE:
+                if self._told_cancel and time.monotonic() - self._cancel_at > QUIT_GRACE:
                     for child in self.children:
                         if not child.done:
                             with contextlib.suppress(OSError):
@@ -362,7 +230,7 @@ class Fanout:
                 self._seq += 1
                 child.items[self._seq] = item
                 job, rel = item
-                batch.append((self._seq, job.url, rel, job.sha256, _portable(job.extra)))
+                batch.append((self._seq, job.url, rel, job.sha256, portable(job.extra)))
             self._queue(child, ("items", batch))
         return False
 
@@ -377,7 +245,7 @@ class Fanout:
     def _queue(self, child: _Child, message: tuple[Any, ...]) -> None:
         if child.done:
             return
-        child.out += _frame(message)
+        child.out += frame(message)
         self._send(child)
 
     def _send(self, child: _Child) -> None:
@@ -394,7 +262,7 @@ class Fanout:
             self._sel.modify(child.sock, events, child)
 
     def _receive(self, child: _Child) -> None:
-        data = _read(child.sock)
+        data = read_link(child.sock)
         if data is None:
             return
         if not data:
@@ -484,7 +352,7 @@ class Fanout:
         self.owner.ctx.gate.on_pause = None
         self._wake_r.close()
         self._wake_w.close()
-        deadline = time.monotonic() + _QUIT_GRACE
+        deadline = time.monotonic() + QUIT_GRACE
         for child in self.children:
             if not child.done:
                 child.done = True
@@ -525,128 +393,3 @@ def _reap(pid: int, *, until: float | None = None) -> str:
     return f"exited with status {os.WEXITSTATUS(status)}"
 
 
-# -- a worker -----------------------------------------------------------------------------
-
-class _Worker:
-    """One forked download process: the loop, fed by the parent, reporting back."""
-
-    def __init__(self, run: _Run, sock: socket.socket, share: int, full: bool) -> None:
-        self.run, self.sock, self.share, self.full = run, sock, share, full
-        self.inbox = _Inbox()
-        self.queue: collections.deque[tuple[Job, str]] = collections.deque()
-        self.seqs: dict[tuple[str, str], int] = {}
-        self.ended = False
-        self._lock = threading.Lock()  # results come from the pool's threads too
-        self._send_lock = threading.Lock()
-        self._oks: list[int] = []
-        self._ok_bytes = 0
-        self._results: list[tuple[int, Result]] = []
-        self._sent_at = 0.0
-
-    def serve(self) -> int:
-        """Run until the parent says the list has ended (or cancels, or dies)."""
-        from .downloader import _Pool
-
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides about Ctrl-C
-        run, ctx = self.run, self.run.ctx
-        run.progress = NullProgress()
-        run.writer = None  # the parent's sink; its threads are not here anyway
-        run._accountant = self._account
-        ctx.on_stop = lambda reason: self._send(("stop", reason))
-        ctx.gate.on_pause = lambda host, until: self._send(("pause", host, until))
-        pool = _Pool(self.share)
-        try:
-            run._multiplex(self, pool, share=self.share, feed=self)
-            # The loop is done; files handed to threads may not be. The link is still
-            # read meanwhile: a cancel, a stop, a pause or the parent's death.
-            while pool.busy():
-                if select.select([self.sock], [], [], 0.1)[0]:
-                    self.pump()
-                self.tick()
-        finally:
-            run._drain(pool)
-            for client in run._clients:
-                client.close()
-        self.tick(flush=True)
-        self._send(("done", [self.seqs.pop(key) for key in list(self.seqs)]))
-        return 0
-
-    # The item source the loop pulls from (an iterator that may say WAIT).
-    def __iter__(self) -> Iterator[tuple[Job, str]]:
-        return self
-
-    def __next__(self) -> tuple[Job, str]:
-        if self.queue:
-            return self.queue.popleft()
-        if self.ended:
-            raise StopIteration
-        return WAIT  # type: ignore[no-any-return]
-
-    # What the loop calls (see Multiplexer's ``feed``).
-    def fileno(self) -> int:
-        return self.sock.fileno()
-
-    def pump(self) -> None:
-        """The parent wrote: take items and notices."""
-        data = _read(self.sock)
-        if data is None:
-            return
-        ctx = self.run.ctx
-        if not data:  # the parent is gone: stop as a Ctrl-C would, keep partial files
-            self.ended = True
-            ctx.cancel.set()
-            ctx.abort_all()
-            return
-        for message in self.inbox.messages(data):
-            kind = message[0]
-            if kind == "items":
-                for seq, url, rel, sha256, extra in message[1]:
-                    job = Job(url, None, sha256, extra or {})
-                    self.seqs[(redact(url) if "@" in url else url, rel)] = seq
-                    self.queue.append((job, rel))
-            elif kind == "end":
-                self.ended = True
-            elif kind == "cancel":
-                ctx.cancel.set()
-                ctx.abort_all()
-            elif kind == "stop":
-                ctx.stop(message[1])
-            elif kind == "pause":
-                ctx.gate.pause_until(message[1], message[2], announce=False)
-
-    def tick(self, *, flush: bool = False) -> None:
-        """After each round of the loop: report what ended, once there is a share's
-        worth, or the queue runs low, or it has waited 20 ms (the progress bar)."""
-        with self._lock:
-            count = len(self._oks) + len(self._results)
-            if not count:
-                return
-            now = time.monotonic()
-            if not (flush or count >= self.share or 2 * len(self.queue) < self.share
-                    or now - self._sent_at >= 0.02):
-                return
-            message = ("results", self._oks, self._ok_bytes, self._results)
-            self._oks, self._ok_bytes, self._results = [], 0, []
-            self._sent_at = now
-        self._send(message)
-
-    def _account(self, result: Result, record: dict[str, Any] | None) -> None:
-        """Instead of the Report: note the journaled item for the parent."""
-        with self._lock:
-            seq = self.seqs.pop((result.url, result.path or ""))
-            if result.status == "ok" and not self.full:
-                self._oks.append(seq)
-                self._ok_bytes += result.bytes
-                return
-        if result.exception is not None:
-            try:
-                pickle.dumps(result.exception, _PICKLE)
-            except Exception:  # error_type and error still say what it was
-                result.exception = None
-        with self._lock:
-            self._results.append((seq, result))
-
-    def _send(self, message: tuple[Any, ...]) -> None:
-        data = _frame(message)
-        with self._send_lock, contextlib.suppress(OSError):  # no parent: pump() sees EOF
-            self.sock.sendall(data)
