@@ -90,15 +90,19 @@ class TqdmProgress:
             # alone costs more than the rest of a small file's bookkeeping.
             if nbytes and now - self._postfix_at >= self._mininterval:
                 self._postfix_at = now
-                elapsed = now - self._started
-                speed = self._bytes / elapsed if elapsed > 0 else 0.0
-                self._bar.set_postfix_str(f"{human_bytes(self._bytes)} {human_bytes(speed)}/s",
-                                          refresh=False)
+                self._set_postfix(now)
             self._bar.update(n)
+
+    def _set_postfix(self, now: float) -> None:
+        elapsed = now - self._started
+        speed = self._bytes / elapsed if elapsed > 0 else 0.0
+        self._bar.set_postfix_str(f"{human_bytes(self._bytes)} {human_bytes(speed)}/s",
+                                  refresh=False)
 
     def close(self) -> None:
         with self._lock:
             if self._bar is not None:
+                self._set_postfix(time.monotonic())  # the last bytes, not 0.2 s old ones
                 self._bar.close()
                 self._bar = None
 
