@@ -480,19 +480,19 @@ class _Run:
     def _work(self, job: Job, rel: str, first: Prefetched | ItemError | None = None) -> None:
         shown = redact(job.url)
         try:
-            if self.ctx.cancel.is_set() or (self.ctx.stop_new.is_set() and first is None):
-                if isinstance(first, Prefetched):
-                    first.conn.close()
-                why = self.ctx.stop_reason or "interrupted"
-                result = Result(url=shown, path=rel, status="failed").fail(
-                    CancelledError(f"not started ({why}): {shown}", url=shown))
-            else:
-                result = self._download(job, rel, first)
-            result.extra = job.extra
-            self._finish(result)
-        except BaseException as exc:
-            self._finish(Result(url=shown, path=rel, status="failed", extra=job.extra)
-                         .fail(exc))
+            try:
+                if self.ctx.cancel.is_set() or (self.ctx.stop_new.is_set() and first is None):
+                    if isinstance(first, Prefetched):
+                        first.conn.close()
+                    why = self.ctx.stop_reason or "interrupted"
+                    result = Result(url=shown, path=rel, status="failed").fail(
+                        CancelledError(f"not started ({why}): {shown}", url=shown))
+                else:
+                    result = self._download(job, rel, first)
+                result.extra = job.extra
+            except BaseException as exc:
+                result = Result(url=shown, path=rel, status="failed", extra=job.extra).fail(exc)
+            self._finish(result)  # once: a failure in there is not journaled twice
         finally:
             self._slot_done()
 
@@ -636,12 +636,11 @@ class _Pool:
         get = self._tasks.get
         while (task := get()) is not None:
             fn, args = task
-            try:
-                fn(*args)  # _work records its own failures; nothing is left to raise
-            finally:
-                with self._lock:
-                    self._busy -= 1
-                self._idle.release()
+            with contextlib.suppress(BaseException):  # a bug there must not cost the thread
+                fn(*args)  # (_work records its own failures)
+            with self._lock:
+                self._busy -= 1
+            self._idle.release()
 
     def busy(self) -> bool:
         """Whether submitted items are still queued or running."""

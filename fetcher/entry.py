@@ -118,8 +118,9 @@ def _convert(kind: str, value: str) -> Any:
         return None
     if kind in ("str", "list"):
         return value
-    if kind == "path":
-        return Path(value)
+    if kind == "path":  # click.Path(readable=True) refuses an existing unreadable one
+        return Path(value) if not os.path.exists(value) or os.access(value, os.R_OK) \
+            else None
     digits = value[1:] if value[0] == "-" else value
     if not digits.isascii():
         return None

@@ -206,6 +206,9 @@ class Fanout:
         """Plan a batch (its share) for every worker with that much room; True once the
         list is exhausted or the run stops starting items."""
         ctx = self.owner.ctx
+        if ctx.cancel.is_set() or ctx.stop_new.is_set():
+            self._end_all()  # what is not sent is not started; workers wait for this
+            return True
         # With every worker dead, this process's loop takes the rest of the list itself.
         for child in self.children:
             if child.done:
@@ -213,25 +216,32 @@ class Fanout:
             free = child.limit - len(child.items)
             if free < child.share:
                 continue
-            room = child.share  # a connection's worth each: a short list is shared too
+            # A connection's worth each: a short list is shared too. Items join the
+            # worker's books only once their batch goes out; planning that stops or raises
+            # half-way leaves none it never sent.
+            planned: dict[int, tuple[Job, str]] = {}
             batch: list[tuple[int, str, str, str | None, Any]] = []
-            for _ in range(room):
+            ended = False
+            for _ in range(child.share):
                 if ctx.cancel.is_set() or ctx.stop_new.is_set():
-                    for entry in batch:  # not sent: never started
-                        del child.items[entry[0]]
-                    self._end_all()
-                    return True
+                    planned.clear()  # not sent: never started
+                    batch.clear()
+                    ended = True
+                    break
                 item = next(items, None)  # plans: may journal skips and failures here
                 if item is None:
-                    if batch:
-                        self._queue(child, ("items", batch))
-                    self._end_all()
-                    return True
+                    ended = True
+                    break
                 self._seq += 1
-                child.items[self._seq] = item
+                planned[self._seq] = item
                 job, rel = item
                 batch.append((self._seq, job.url, rel, job.sha256, portable(job.extra)))
-            self._queue(child, ("items", batch))
+            if batch:
+                child.items.update(planned)
+                self._queue(child, ("items", batch))
+            if ended:
+                self._end_all()
+                return True
         return False
 
     def _end_all(self) -> None:

@@ -54,9 +54,11 @@ class Worker:
         pool = _Pool(self.share)
         try:
             run._multiplex(self, pool, share=self.share, feed=self)
-            # The loop is done; files handed to threads may not be. The link is still
-            # read meanwhile: a cancel, a stop, a pause or the parent's death.
-            while pool.busy():
+            # The loop is done; files handed to threads may not be, and after a stop of
+            # its own (a full disk) the parent may still be sending batches. The link is
+            # read until both are over: a cancel, a stop, a pause, the parent's "end" or
+            # its death. Items that arrive now are never started ("done" returns them).
+            while pool.busy() or not self.ended:
                 if select.select([self.sock], [], [], 0.1)[0]:
                     self.pump()
                 self.tick()
