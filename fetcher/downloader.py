@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from .config import FANOUT_MIN_ITEMS, FetchConfig
+from .config import FetchConfig
 from .download import HostGate, RunContext, SkipExisting, download_one
 from .errors import (
     CancelledError,
@@ -28,6 +28,7 @@ from .errors import (
     TargetExistsError,
     UnsafePathError,
 )
+from .fanout import fanout_width
 from .http import HttpClient, Prefetched, config_from_session, redact
 from .manifest import MANIFEST_NAME, PUBLISHED_NAME, CompletedIndex, ManifestWriter
 from .models import Job, Report, Result
@@ -237,7 +238,7 @@ class _Run:
         # threads exist: a child inherits no lock another thread might hold.
         width = self._fanout_width(total)
         if width > 1:
-            from .fanout import Fanout
+            from .fanout._parent import Fanout
 
             fan = stack.enter_context(Fanout(self, width))
             self._fanout = fan if fan.children else None  # no fork was possible
@@ -358,12 +359,7 @@ class _Run:
         """Processes to share the transfers among (1: this one alone)."""
         if self.fetcher.post or self.cfg.content_disposition or not loop_eligible(self.cfg):
             return 1  # naming by the server, and --post's process pool, stay here
-        if self.cfg.download_processes is None and (
-                (total or 0) < FANOUT_MIN_ITEMS or len(self.index) >= (total or 0)):
-            return 1  # short lists, and re-runs that will mostly skip (no fanout import)
-        from .fanout import fanout_width
-
-        return fanout_width(self.cfg, total)
+        return fanout_width(self.cfg, total, done=len(self.index))
 
     def _multiplex(self, items: Iterator[tuple[Job, str]], pool: _Pool, *,
                    share: int | None = None, feed: Any = None) -> None:

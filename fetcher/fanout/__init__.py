@@ -40,25 +40,33 @@ import os
 import threading
 
 from ..config import FANOUT_MIN_ITEMS, FetchConfig
-from ._link import FANOUT_MAX
-from ._parent import Fanout
 
-__all__ = ["FANOUT_MAX", "Fanout", "fanout_width"]
+# This module holds the policy only: runs that stay in one process never import the
+# machinery (``_parent``, ``_worker``, ``_link`` and pickle), which the downloader
+# imports from ``._parent`` once a run fans out.
+__all__ = ["FANOUT_MAX", "fanout_width"]
+
+FANOUT_MAX = 4
+"""Most processes chosen automatically: past this the parent's planning (~15 us an item)
+limits the run, not the workers (``download_processes`` can ask for more)."""
 
 
-def fanout_width(cfg: FetchConfig, total: int | None) -> int:
+def fanout_width(cfg: FetchConfig, total: int | None, *, done: int = 0) -> int:
     """How many processes share a run's transfers, this one included (1: it alone).
 
     ``download_processes`` decides when set. Otherwise: one per available core (up to
-    ``FANOUT_MAX``) for lists of at least ``FANOUT_MIN_ITEMS``, and only while this
-    process runs no other thread (forking a threaded program is safe only for code
-    that takes none of their locks, which a library cannot promise for its caller).
+    ``FANOUT_MAX``) for lists of at least ``FANOUT_MIN_ITEMS`` of which fewer than all
+    are ``done`` (the manifest's complete records: a re-run that will mostly skip is
+    bound by planning, which stays here anyway), and only while this process runs no
+    other thread (forking a threaded program is safe only for code that takes none of
+    their locks, which a library cannot promise for its caller).
     """
     if not hasattr(os, "fork"):
         return 1
     wanted = cfg.download_processes
     if wanted is None:
-        if total is None or total < FANOUT_MIN_ITEMS or threading.active_count() > 1:
+        if total is None or total < FANOUT_MIN_ITEMS or done >= total \
+                or threading.active_count() > 1:
             return 1
         try:
             cores = len(os.sched_getaffinity(0))

@@ -7,9 +7,6 @@ import socket
 import struct
 from typing import Any
 
-FANOUT_MAX = 4
-"""Most worker processes chosen automatically: past this the parent's planning (~15 us
-an item) limits the run, not the workers."""
 LENGTH = struct.Struct("!I")
 PICKLE = pickle.HIGHEST_PROTOCOL
 BUF = 1 << 20

@@ -190,6 +190,9 @@ def test_width_policy() -> None:
     assert fanout_width(cfg.replace(download_processes=3), 5) == 3
     assert fanout_width(cfg.replace(download_processes=3, threads=2), 5) == 2  # 1 each
     assert fanout_width(cfg.replace(download_processes=1), 10_000) == 1
+    # A re-run whose manifest has every item is planning (skips): one process, unless asked.
+    assert fanout_width(cfg, 10_000, done=10_000) == 1
+    assert fanout_width(cfg.replace(download_processes=2), 10_000, done=10_000) == 2
 
 
 def _limit_file_size() -> None:
@@ -219,3 +222,12 @@ def test_a_full_disk_in_one_worker_stops_them_all(server: TestServer, tmp_path: 
     assert not (dest / "huge").exists()
     assert sum(1 for p in by_path if p.startswith("later")) < 100  # both stopped early
     assert all(by_path[f"ok{i}"]["status"] == "ok" for i in range(3))
+
+
+def test_one_process_runs_skip_the_fanout_machinery() -> None:
+    """The policy module is all a run that stays in one process imports of fan-out."""
+    probe = ("import sys, fetcher.entry, fetcher.downloader\n"
+             "print('fetcher.fanout._parent' in sys.modules, 'pickle' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          timeout=60, check=True)
+    assert done.stdout.split() == ["False", "False"]
