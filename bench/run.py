@@ -97,6 +97,39 @@ def combined_rows(suites: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
+def marginal_cpu(suites: dict[str, Any]) -> dict[str, Any] | None:
+    """CPU per small file beyond start-up: (small run - one-URL run) / (files - 1), for
+    fetcher and curl, from this run's ``small`` and ``startup`` suites.
+
+    A companion to the small-file CPU target, which divides the whole run (start-up
+    included); this one says what each further file costs.
+    """
+    small, startup = suites.get("small"), suites.get("startup")
+    if not isinstance(small, dict) or not isinstance(startup, dict):
+        return None
+    files = (small.get("params") or {}).get("files")
+
+    def cpu(data: dict[str, Any], tool: str) -> float | None:
+        for t in data.get("tools") or ():
+            if isinstance(t, dict) and t.get("tool") == tool and t.get("status") == "ok":
+                value = t.get("median_cpu_s")
+                return float(value) if value is not None else None
+        return None
+
+    pairs = {"fetcher": (cpu(small, "fetcher"), cpu(startup, "fetcher get (1 URL)")),
+             "curl": (cpu(small, "curl"), cpu(startup, "curl (1 URL)"))}
+    if not isinstance(files, int) or files < 2:
+        return None
+    per_file: dict[str, float] = {}
+    for tool, (run, one) in pairs.items():
+        if run is None or one is None:
+            return None
+        per_file[tool] = (run - one) / (files - 1)
+    ratio = per_file["fetcher"] / per_file["curl"] if per_file["curl"] > 0 else None
+    return {"files": files, "us_per_file": {k: round(v * 1e6, 1) for k, v in per_file.items()},
+            "ratio": round(ratio, 2) if ratio else None}
+
+
 def print_rows(headers: list[str], rows: list[list[str]]) -> None:
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
     print("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)))
@@ -151,6 +184,12 @@ def main() -> int:
         if isinstance(summary, list):
             for line in summary:
                 print(f"  {name}: {line}")
+    marginal = marginal_cpu(suites)
+    if marginal is not None:
+        us, ratio = marginal["us_per_file"], marginal["ratio"]
+        print(f"  small: CPU per file beyond start-up (small run less the one-URL run): "
+              f"fetcher {us['fetcher']:.0f} us, curl {us['curl']:.0f} us"
+              + (f" ({ratio:.2f}x)" if ratio else ""))
     print()
     for name, info in scripts.items():
         status = "ok" if info["exit_code"] == 0 else f"exit {info['exit_code']}"
@@ -166,6 +205,7 @@ def main() -> int:
             "total_wall_s": round(total, 1),
             "scripts": scripts,
             "results": suites,
+            "small_cpu_beyond_startup": marginal,
         },
     )
     common.log(f"wrote {out}")
