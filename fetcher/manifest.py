@@ -97,12 +97,12 @@ def _end_with_newline(path: Path, fd: int) -> None:
 
 def iter_records(path: Path) -> Iterator[dict[str, Any]]:
     """Records of a manifest; a torn last line (killed mid-write) is ignored."""
-    import json  # only runs that find a manifest read one
-
     try:
         fh = open(path, encoding="utf-8")  # noqa: SIM115
     except FileNotFoundError:
         return
+    import json  # only runs that find a manifest read one
+
     with fh:
         for line in fh:
             if not line.endswith("\n"):
