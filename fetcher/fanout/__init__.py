@@ -29,9 +29,10 @@ link) cancels them too. A worker that dies fails its unfinished items with
 ``DownloadProcessError`` (those it had journaled are taken from the manifest), and
 the others, this process included, go on with the rest of the list.
 
-Messages are pickles with a 4-byte length, over one socketpair per worker. The parent
-never blocks on a worker (non-blocking sends, buffered); a worker's sends block only
-while the parent is busy, which its read timeouts forgive (``Multiplexer._excuse``).
+Messages are marshal data (pickles when they hold objects) with a 4-byte length, over
+one socketpair per worker. The parent never blocks on a worker (non-blocking sends,
+buffered); a worker's sends block only while the parent is busy, which its read
+timeouts forgive (``Multiplexer._excuse``).
 """
 
 from __future__ import annotations

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-import pickle
+import marshal
 import socket
 import struct
 from typing import Any
 
 LENGTH = struct.Struct("!I")
-PICKLE = pickle.HIGHEST_PROTOCOL
+PICKLED = 0x8000_0000
+"""Set in a frame's length when the message is a pickle. Most messages (items, sequence
+numbers, notices) hold only plain values and go as marshal data, which costs no import;
+objects (Results, exceptions, a caller's extra values) are pickled."""
 BUF = 1 << 20
 """Socket buffer size each way: room for thousands of reports, so a worker rarely waits."""
 RECV = 64 * 1024
@@ -41,8 +44,21 @@ def portable(extra: Any) -> dict[str, Any] | None:
 
 
 def frame(message: tuple[Any, ...]) -> bytes:
-    data = pickle.dumps(message, PICKLE)
-    return LENGTH.pack(len(data)) + data
+    """One message as a length-prefixed frame (marshal when it can, else pickle)."""
+    try:
+        data = marshal.dumps(message)  # exact built-in types only, subclasses refused
+        size = len(data)
+    except ValueError:
+        data = dumps(message)
+        size = len(data) | PICKLED
+    return LENGTH.pack(size) + data
+
+
+def dumps(obj: Any) -> bytes:
+    """``obj`` pickled (raises what pickle raises for what cannot be pickled)."""
+    import pickle
+
+    return pickle.dumps(obj, pickle.HIGHEST_PROTOCOL)
 
 
 def read_link(sock: socket.socket) -> bytes | None:
@@ -68,10 +84,17 @@ class Inbox:
         start = 0
         while len(buf) - start >= 4:
             (size,) = LENGTH.unpack_from(buf, start)
-            if len(buf) - start - 4 < size:
+            length = size & ~PICKLED
+            if len(buf) - start - 4 < length:
                 break
-            out.append(pickle.loads(buf[start + 4:start + 4 + size]))
-            start += 4 + size
+            chunk = buf[start + 4:start + 4 + length]
+            if size & PICKLED:
+                import pickle
+
+                out.append(pickle.loads(chunk))
+            else:
+                out.append(marshal.loads(chunk))
+            start += 4 + length
         del buf[:start]
         return out
 

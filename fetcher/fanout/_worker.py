@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import pickle
 import select
 import signal
 import socket
@@ -18,7 +17,7 @@ from ..http import redact
 from ..models import Job, Result
 from ..multiplex import WAIT
 from ..progress import NullProgress
-from ._link import PICKLE, Inbox, frame, read_link
+from ._link import Inbox, dumps, frame, read_link
 
 if TYPE_CHECKING:
     from ..downloader import _Run
@@ -139,7 +138,7 @@ class Worker:
                 return
         if result.exception is not None:
             try:
-                pickle.dumps(result.exception, PICKLE)
+                dumps(result.exception)
             except Exception:  # error_type and error still say what it was
                 result.exception = None
         with self._lock:
