@@ -52,13 +52,13 @@ from .base import (
     BatchWriter,
     LedgerState,
     LoadPlan,
-    ParallelWriter,
     Sink,
     WriteSummary,
     open_sink,
     redact_url,
 )
 from .load import InputRowError, default_table, load_file, load_id_for
+from .parallel import ParallelWriter
 from .schema import TYPES, Column, Schema
 
 MANIFEST_SCHEMA: dict[str, str] = {

@@ -25,7 +25,8 @@ from typing import IO, Any
 
 from ..errors import ConfigError, SinkError
 from ..progress import NullProgress, Progress
-from .base import ParallelWriter, WriteSummary, redact_url
+from .base import WriteSummary, redact_url
+from .parallel import ParallelWriter
 from .schema import Record, sanitize_name
 
 CHUNK = 4096

@@ -175,7 +175,7 @@ def test_backpressure_bounds_the_queue() -> None:
     t.start()
     time.sleep(0.3)
     assert not done.is_set()  # blocked: 1 batch in the worker + a bounded queue
-    assert w._queue.qsize() <= w._queue.maxsize
+    assert w._commits.queue.qsize() <= w._commits.queue.maxsize
     gate.set()
     t.join(10)
     assert done.is_set()
