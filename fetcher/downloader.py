@@ -31,7 +31,7 @@ from .errors import (
 from .fanout import fanout_width
 from .http import HttpClient, Prefetched, config_from_session, redact
 from .manifest import MANIFEST_NAME, PUBLISHED_NAME, CompletedIndex, ManifestWriter
-from .models import Job, Report, Result
+from .models import Job, Report, Result, encode_record
 from .multiplex import Multiplexer, capacity_of, loop_eligible
 from .naming import (
     NameAllocator,
@@ -232,6 +232,10 @@ class _Run:
             self.index.load(journal)
         manifest = ManifestWriter(manifest_path)
         stack.callback(manifest.close)
+        # A failed item's line needs json (Result.json_line): import it now, while this
+        # process can still open files; items can fail for want of descriptors, and an
+        # import at that moment would fail too (taken for a manifest write error).
+        encode_record(None)
         self.report.manifest = str(manifest_path)
         self.manifest = manifest
         # Forked here, with the journal open and before the sink's or the progress bar's

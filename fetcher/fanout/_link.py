@@ -54,6 +54,12 @@ def frame(message: tuple[Any, ...]) -> bytes:
     return LENGTH.pack(size) + data
 
 
+def ready() -> None:
+    """Import pickle, once this process's side of the link is up: a message with objects
+    (a failure's Result) can come when no file descriptor is left to import it with."""
+    import pickle  # noqa: F401
+
+
 def dumps(obj: Any) -> bytes:
     """``obj`` pickled (raises what pickle raises for what cannot be pickled)."""
     import pickle

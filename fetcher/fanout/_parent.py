@@ -18,7 +18,7 @@ from ..errors import DownloadProcessError
 from ..http import redact
 from ..models import Job, Result
 from ..multiplex import SigintCancels, capacity_of
-from ._link import BUF, QUIT_GRACE, Inbox, frame, portable, read_link, split_evenly
+from ._link import BUF, QUIT_GRACE, Inbox, frame, portable, read_link, ready, split_evenly
 from ._worker import Worker
 
 if TYPE_CHECKING:
@@ -100,6 +100,7 @@ class Fanout:
         if len(self.children) < len(shares):  # a refused fork: its connections are ours
             self.share += sum(shares[len(self.children):])
         self.width = 1 + len(self.children)
+        ready()  # after the forks: the workers start downloading meanwhile
         self.owner.report.processes = self.width
         self.owner.ctx.gate.on_pause = self._paused_here
         return self

@@ -334,3 +334,27 @@ def test_bytes_beyond_a_body_that_arrived_in_pieces_are_not_the_next_response(
     wrong = {f"second{i}": (dest / f"second{i}").read_bytes() for i in range(7)
              if (dest / f"second{i}").read_bytes() != f"body of /second{i}".encode()}
     assert not wrong, wrong
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_running_out_of_descriptors_fails_items_and_every_one_is_counted(
+        server: TestServer, tmp_path: Path, processes: int) -> None:
+    """Imports that failure paths need (json for a failed item's line, pickle for its
+    report) are made while files can still be opened: a lazy import at the moment
+    descriptors ran out failed, was taken for a manifest write error, and the run
+    stopped with most items neither journaled nor counted."""
+    urls = [server.add(f"/d{i}", os.urandom(300)) for i in range(300)]
+    lst = tmp_path / "urls.txt"
+    lst.write_text("\n".join(urls) + "\n")
+    script = ("import resource, sys\n"
+              "resource.setrlimit(resource.RLIMIT_NOFILE, (40, 40))\n"
+              "from fetcher import fetch\n"
+              "r = fetch(sys.argv[1], sys.argv[2], threads=64, retries=0,\n"
+              "          download_processes=int(sys.argv[3]))\n"
+              "print(r.processes, r.counts['ok'] + r.counts['failed'])\n")
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-c", script, str(lst), str(out), str(processes)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == [str(processes), "300"]
+    assert len(_records(out)) == 300
