@@ -204,6 +204,9 @@ class _Handler(BaseHTTPRequestHandler):
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+    # socketserver's default backlog of 5 drops the SYNs of a burst of connects, which
+    # then wait out TCP's retransmit back-off (1 s, 3 s, ...); real servers queue 511+.
+    request_queue_size = 128
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         pass  # clients hanging up mid-response are part of the tests
