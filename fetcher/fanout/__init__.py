@@ -13,8 +13,8 @@ What must be decided in one place stays in this (the parent) process: reading th
 naming every item (collision-free names in list order), skips and ``--on-exists``, the
 Report, the progress bar and the sink. Planned items go to its own loop when it has a
 free connection, and in batches of its share to every worker with that much room free
-(at most twice its share queued or running, within the run's window: items queued behind
-a slow one cannot move to another process). A worker downloads, verifies and publishes
+(at most four times its share queued or running, within the run's window: items queued
+behind a slow one cannot move to another process). A worker downloads, verifies and publishes
 exactly as a single-process run does and appends each item's manifest line itself, right
 after publishing, on the descriptor it inherited (``O_APPEND``, one ``write`` a line, so
 lines of several processes never interleave and a crash leaves no published file

@@ -79,7 +79,7 @@ class Fanout:
         connections, window = capacity_of(cfg), cfg.in_flight
         width = min(self.width, connections)
         shares = split_evenly(connections, width)
-        limits = [max(share, min(2 * share, w))
+        limits = [max(share, min(4 * share, w))
                   for share, w in zip(shares, split_evenly(window, width), strict=True)]
         self.share = shares.pop(0)  # this process's loop; the rest go to the workers
         limits.pop(0)
@@ -138,8 +138,10 @@ class Fanout:
                 os._exit(code)
         theirs.close()
         ours.setblocking(False)
-        # Limits: two shares, within the window. Items go in batches of a share, reports
-        # come back by the share: few wake-ups each way.
+        # Limits: four shares, within the window. Items go in batches of a share, reports
+        # come back by the share: few wake-ups each way, and a worker whose report waits
+        # for this (busier) process to get round to it still has shares queued. With two
+        # shares a worker sat idle ~half its time and reported nearly every item.
         child = _Child(index, pid, ours, share, limit)
         self.children.append(child)
         self._sel.register(ours, selectors.EVENT_READ, child)

@@ -115,13 +115,14 @@ class Worker:
 
     def tick(self, *, flush: bool = False) -> None:
         """After each round of the loop: report what ended, once there is a share's
-        worth, or the queue runs low, or it has waited 20 ms (the progress bar)."""
+        worth, or the queue is empty (connections about to idle), or it has waited 20 ms
+        (the progress bar)."""
         with self._lock:
             count = len(self._oks) + len(self._results)
             if not count:
                 return
             now = time.monotonic()
-            if not (flush or count >= self.share or 2 * len(self.queue) < self.share
+            if not (flush or count >= self.share or not self.queue
                     or now - self._sent_at >= 0.02):
                 return
             message = ("results", self._oks, self._ok_bytes, self._results)
