@@ -55,8 +55,10 @@ def frame(message: tuple[Any, ...]) -> bytes:
 
 
 def ready() -> None:
-    """Import pickle, once this process's side of the link is up: a message with objects
-    (a failure's Result) can come when no file descriptor is left to import it with."""
+    """Import pickle before the workers are forked, so that no process of the run imports
+    it later: a message with objects (a failure's Result) can come when no descriptor is
+    left to open the module with, and in a child an import can wait forever on a lock
+    another thread held at the fork."""
     import pickle  # noqa: F401
 
 

@@ -90,6 +90,9 @@ class Fanout:
         if manifest is not None:
             with contextlib.suppress(OSError):
                 self._journal_start = os.path.getsize(manifest.path)
+        # Before forking: an import in a child can wait forever on a module lock another
+        # thread of the caller held at the fork (tests/integration/test_third_review.py).
+        ready()
         try:
             for index, (share, limit) in enumerate(zip(shares, limits, strict=True)):
                 if not self._fork(index, share, limit):
@@ -100,7 +103,6 @@ class Fanout:
         if len(self.children) < len(shares):  # a refused fork: its connections are ours
             self.share += sum(shares[len(self.children):])
         self.width = 1 + len(self.children)
-        ready()  # after the forks: the workers start downloading meanwhile
         self.owner.report.processes = self.width
         self.owner.ctx.gate.on_pause = self._paused_here
         return self

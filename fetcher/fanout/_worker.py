@@ -17,7 +17,7 @@ from ..http import redact
 from ..models import Job, Result
 from ..multiplex import WAIT
 from ..progress import NullProgress
-from ._link import Inbox, dumps, frame, read_link, ready
+from ._link import Inbox, dumps, frame, read_link
 
 if TYPE_CHECKING:
     from ..downloader import _Run
@@ -44,7 +44,6 @@ class Worker:
         from ..downloader import _Pool
 
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides about Ctrl-C
-        ready()
         run, ctx = self.run, self.run.ctx
         run.progress = NullProgress()
         run.writer = None  # the parent's sink; its threads are not here anyway
