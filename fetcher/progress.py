@@ -49,40 +49,90 @@ class TqdmProgress:
     """One tqdm bar: items done/total, bytes and byte rate in the postfix, ETA.
 
     Redraws are rate-limited by tqdm (``mininterval``), so updates stay cheap even at
-    thousands of items per second.
+    thousands of items per second. The bar appears once a run has lasted ``delay``
+    seconds (see ``start``); the summary line after it is the CLI's.
     """
 
     def __init__(self, *, file: IO[str] | None = None, disable: bool | None = None,
-                 mininterval: float = 0.2) -> None:
+                 mininterval: float = 0.2, delay: float = 0.2) -> None:
         self._file = file if file is not None else sys.stderr
         if disable is None:
             disable = not _isatty(self._file)
         self._disable = disable
         self._mininterval = mininterval
+        self._delay = delay
         self._bar: Any = None
+        self._pending: tuple[int | None, str, str] | None = None
+        """(total, unit, desc) of a run whose bar is not drawn yet."""
+        self._timer: threading.Timer | None = None
+        self._count = 0
         self._bytes = 0
         self._started = self._postfix_at = time.monotonic()
         self._lock = threading.Lock()
 
     def start(self, total: int | None, *, unit: str = "file", desc: str = "") -> None:
+        """Begin a run; the bar is drawn once it has lasted ``delay`` seconds.
+
+        Importing tqdm costs ~25 ms (it reads its own version through
+        importlib.metadata), more than a short run takes: a run that ends sooner never
+        imports it, and one that lasts draws its bar from a timer thread, counts so far
+        included.
+        """
         if self._disable:
-            return  # no bar: skip importing tqdm (it costs ~10 ms of start-up)
+            return  # no bar: skip importing tqdm
+        with self._lock:
+            self._started = time.monotonic()
+            self._pending = (total, unit, desc)
+            self._count = self._bytes = 0
+            if self._delay <= 0:
+                self._draw()
+                return
+        self._timer = threading.Timer(self._delay, self._draw_pending)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _draw_pending(self) -> None:
+        import tqdm  # noqa: F401  (outside the lock: the run's updates go on meanwhile)
+
+        with self._lock:
+            if self._pending is not None:
+                self._draw()
+
+    def _draw(self) -> None:
+        """Open the bar where the run is (holding the lock)."""
         from tqdm import tqdm
 
-        self._started = time.monotonic()
-        self._bar = tqdm(total=total, unit=unit, desc=desc or None, file=self._file,
-                         mininterval=self._mininterval,
-                         dynamic_ncols=True, leave=True)
+        assert self._pending is not None
+        total, unit, desc = self._pending
+        self._pending = None
+        bar = self._bar = tqdm(total=total, unit=unit, desc=desc or None, file=self._file,
+                               mininterval=self._mininterval, dynamic_ncols=True,
+                               leave=True)
+        # Its clock starts with the run, not with the bar, for elapsed time and rate.
+        late = time.monotonic() - self._started
+        bar.start_t -= late
+        bar.last_print_t -= late
+        if self._bytes:
+            self._set_postfix(time.monotonic())
+        if self._count:
+            bar.update(self._count)
+        else:
+            bar.refresh()
 
     def set_total(self, total: int) -> None:
         with self._lock:
-            if self._bar is not None:
+            if self._pending is not None:
+                self._pending = (total, *self._pending[1:])
+            elif self._bar is not None:
                 self._bar.total = total
                 self._bar.refresh()
 
     def update(self, n: int = 1, *, nbytes: int = 0) -> None:
         with self._lock:
             if self._bar is None:
+                if self._pending is not None:
+                    self._count += n
+                    self._bytes += nbytes
                 return
             self._bytes += nbytes
             now = time.monotonic()
@@ -101,10 +151,16 @@ class TqdmProgress:
 
     def close(self) -> None:
         with self._lock:
+            self._pending = None  # a run that ended before its bar was due shows none
             if self._bar is not None:
                 self._set_postfix(time.monotonic())  # the last bytes, not 0.2 s old ones
                 self._bar.close()
                 self._bar = None
+        if self._timer is not None:  # gone before close returns: a library caller's next
+            self._timer.cancel()      # run may fork only while it runs no other thread
+            if self._timer is not threading.current_thread():
+                self._timer.join(5.0)
+            self._timer = None
 
 
 def _isatty(f: IO[str]) -> bool:
