@@ -11,7 +11,6 @@ stay fast and optional extras load only when used.
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
@@ -53,7 +52,10 @@ __all__ = [
     "__version__", "fetch", "open_sink", "parallel_imap", "parallel_map",
 ]
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing at run time
 if TYPE_CHECKING:
+    from typing import Any
+
     from fetcher.config import FetchConfig
     from fetcher.downloader import Fetcher, fetch
     from fetcher.errors import (

@@ -16,7 +16,6 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
 
 from .config import FetchConfig
 from .download import HostGate, RunContext, SkipExisting, download_one
@@ -40,13 +39,17 @@ from .naming import (
     sanitize_relpath,
     variant,
 )
-from .progress import NullProgress, Progress
+from .progress import NullProgress
 from .sources import iter_jobs
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing at run time
 if TYPE_CHECKING:
     from concurrent.futures import Future
+    from typing import IO, Any
 
-UrlSource = str | os.PathLike[str] | IO[str] | Iterable[str | Job | Mapping[str, Any]]
+    from .progress import Progress
+
+    UrlSource = str | os.PathLike[str] | IO[str] | Iterable[str | Job | Mapping[str, Any]]
 
 
 class Fetcher:

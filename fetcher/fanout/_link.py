@@ -5,7 +5,10 @@ from __future__ import annotations
 import marshal
 import socket
 import struct
-from typing import Any
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing at run time
+if TYPE_CHECKING:
+    from typing import Any
 
 LENGTH = struct.Struct("!I")
 PICKLED = 0x8000_0000
