@@ -16,6 +16,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 
@@ -262,6 +263,13 @@ class TestServer:
         with self._srv.lock:
             self._srv.routes[path] = Route(body=body, **kw)
         return self.url(path)
+
+    def url_list(self, path: Path, prefix: str, count: int, body: bytes) -> Path:
+        """Serve ``count`` files ``/{prefix}{i}`` of ``body`` and write their URLs to
+        ``path``, one a line (a URL list for the CLI or ``fetch``)."""
+        urls = [self.add(f"/{prefix}{i}", body) for i in range(count)]
+        path.write_text("\n".join(urls) + "\n")
+        return path
 
     def route(self, path: str) -> Route:
         return self._srv.routes[path]

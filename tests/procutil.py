@@ -63,3 +63,27 @@ def gone(pids: list[int], limit: float = 10.0) -> bool:
             return True
         time.sleep(0.02)
     return False
+
+
+def cli_modules(argv: list[str], modules: list[str],
+                timeout: float = 60) -> tuple[int | str | None, list[bool], str]:
+    """Run ``fetcher ARGV`` in a fresh interpreter as the console script does; return
+    its exit code, whether each of ``modules`` was imported by the end, and stderr."""
+    import json
+    import subprocess
+    import sys
+
+    probe = ("import json, sys, runpy\n"
+             "argv, modules = json.loads(sys.argv[1]), json.loads(sys.argv[2])\n"
+             "sys.argv = ['fetcher', *argv]\n"
+             "code = 0\n"
+             "try:\n    runpy.run_module('fetcher', run_name='__main__')\n"
+             "except SystemExit as exc:\n    code = exc.code\n"
+             "print(json.dumps([code, [m in sys.modules for m in modules]]))\n")
+    done = subprocess.run([sys.executable, "-c", probe, json.dumps(argv), json.dumps(modules)],
+                          capture_output=True, text=True, timeout=timeout)
+    lines = done.stdout.strip().splitlines()
+    if not lines:
+        return None, [], done.stderr
+    code, loaded = json.loads(lines[-1])
+    return code, loaded, done.stderr

@@ -20,7 +20,7 @@ from fetcher import fetch
 from fetcher.config import FANOUT_MIN_ITEMS, FetchConfig
 from fetcher.fanout import fanout_width
 from tests.httpserver import TestServer
-from tests.procutil import gone, wait_children
+from tests.procutil import cli_modules, gone, wait_children
 
 
 def _records(dest: Path) -> list[dict[str, Any]]:
@@ -237,16 +237,9 @@ def test_a_fanned_out_cli_run_imports_neither_typing_nor_tqdm(server: TestServer
                                                               tmp_path: Path) -> None:
     """Start-up is budgeted: annotations need no typing at run time (ruff's TC004 holds
     every module to it), and a bar that is never drawn needs no tqdm."""
-    urls = [server.add(f"/t{i}", b"t" * 50) for i in range(300)]
-    lst = tmp_path / "urls.txt"
-    lst.write_text("\n".join(urls) + "\n")
-    probe = ("import sys, runpy\n"
-             "sys.argv = ['fetcher', 'get', sys.argv[1], '-o', sys.argv[2], '-q',\n"
-             "            '--download-processes', '2']\n"
-             "try:\n    runpy.run_module('fetcher', run_name='__main__')\n"
-             "except SystemExit as exc:\n"
-             "    print(exc.code, 'typing' in sys.modules, 'tqdm' in sys.modules)\n")
-    done = subprocess.run([sys.executable, "-c", probe, str(lst), str(tmp_path / "o")],
-                          capture_output=True, text=True, timeout=60)
-    assert done.stdout.split() == ["0", "False", "False"], done.stderr[-2000:]
+    lst = server.url_list(tmp_path / "urls.txt", "t", 300, b"t" * 50)
+    code, loaded, err = cli_modules(
+        ["get", str(lst), "-o", str(tmp_path / "o"), "-q", "--download-processes", "2"],
+        ["typing", "tqdm"])
+    assert (code, loaded) == (0, [False, False]), err[-2000:]
     assert len(list((tmp_path / "o").glob("t*"))) == 300

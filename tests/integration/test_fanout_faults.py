@@ -343,9 +343,7 @@ def test_running_out_of_descriptors_fails_items_and_every_one_is_counted(
     report) are made while files can still be opened: a lazy import at the moment
     descriptors ran out failed, was taken for a manifest write error, and the run
     stopped with most items neither journaled nor counted."""
-    urls = [server.add(f"/d{i}", os.urandom(300)) for i in range(300)]
-    lst = tmp_path / "urls.txt"
-    lst.write_text("\n".join(urls) + "\n")
+    lst = server.url_list(tmp_path / "urls.txt", "d", 300, os.urandom(300))
     script = ("import resource, sys\n"
               "resource.setrlimit(resource.RLIMIT_NOFILE, (40, 40))\n"
               "from fetcher import fetch\n"

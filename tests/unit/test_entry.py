@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from fetcher.cli import app
 from fetcher.entry import GET_OPTIONS, parse_get
+from tests.procutil import cli_modules
 
 GET = typer.main.get_command(app).commands["get"]  # type: ignore[attr-defined]
 
@@ -127,16 +128,11 @@ def test_console_script_fast_path_skips_typer(tmp_path: Path) -> None:
     with the library's error and exit code 2."""
     bad = tmp_path / "list.txt"
     bad.write_text("not a url\n")
-    probe = ("import sys, runpy\n"
-             "sys.argv = ['fetcher', 'get', sys.argv[1], '-o', sys.argv[2], '-q']\n"
-             "try:\n    runpy.run_module('fetcher', run_name='__main__')\n"
-             "finally:\n    print('typer' in sys.modules, 'ast' in sys.modules,"
-             " file=sys.stderr)\n")
-    done = subprocess.run([sys.executable, "-c", probe, str(bad), str(tmp_path / "o")],
-                          capture_output=True, text=True, timeout=60)
-    assert done.returncode == 2
-    assert "list.txt:1" in done.stderr
-    assert done.stderr.strip().endswith("False False")  # no typer, no inspect (ast)
+    code, loaded, err = cli_modules(["get", str(bad), "-o", str(tmp_path / "o"), "-q"],
+                                    ["typer", "ast"])
+    assert code == 2
+    assert "list.txt:1" in err
+    assert loaded == [False, False]  # no typer, no inspect (ast)
 
 
 def test_a_deferred_module_loads_on_first_use() -> None:
