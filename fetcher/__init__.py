@@ -11,6 +11,7 @@ stay fast and optional extras load only when used.
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
@@ -52,10 +53,7 @@ __all__ = [
     "__version__", "fetch", "open_sink", "parallel_imap", "parallel_map",
 ]
 
-TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing at run time
 if TYPE_CHECKING:
-    from typing import Any
-
     from fetcher.config import FetchConfig
     from fetcher.downloader import Fetcher, fetch
     from fetcher.errors import (

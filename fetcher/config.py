@@ -6,19 +6,15 @@ import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Literal
 
 from .errors import ConfigError
-
-TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing at run time
-if TYPE_CHECKING:
-    from typing import Any, Literal
-
-    OnExists = Literal["rename", "skip", "overwrite", "error"]
 
 FANOUT_MIN_ITEMS = 256
 """Shortest list that is shared among download processes when ``download_processes`` is
 not set: below it, forking costs more than it saves."""
 
+OnExists = Literal["rename", "skip", "overwrite", "error"]
 ON_EXISTS: tuple[str, ...] = ("rename", "skip", "overwrite", "error")
 
 

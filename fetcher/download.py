@@ -20,6 +20,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from .config import FetchConfig
 from .errors import (
@@ -36,10 +37,6 @@ from .http import HttpClient, Prefetched, Response, host_of, raise_for_status, r
 from .models import Result
 from .naming import safe_join
 from .segments import SplitDownload, plan, split_validator
-
-TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing at run time
-if TYPE_CHECKING:
-    from typing import Any
 
 PARTIAL_DIR = Path(".fetcher") / "partial"
 _READ_BUF = 1024 * 1024

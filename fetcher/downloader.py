@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
 
 from .config import FetchConfig
 from .download import HostGate, RunContext, SkipExisting, download_one
@@ -39,17 +40,13 @@ from .naming import (
     sanitize_relpath,
     variant,
 )
-from .progress import NullProgress
+from .progress import NullProgress, Progress
 from .sources import iter_jobs
 
-TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing at run time
 if TYPE_CHECKING:
     from concurrent.futures import Future
-    from typing import IO, Any
 
-    from .progress import Progress
-
-    UrlSource = str | os.PathLike[str] | IO[str] | Iterable[str | Job | Mapping[str, Any]]
+UrlSource = str | os.PathLike[str] | IO[str] | Iterable[str | Job | Mapping[str, Any]]
 
 
 class Fetcher:

@@ -19,11 +19,9 @@ import sys
 import threading
 import types
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
 
-TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing at run time
 if TYPE_CHECKING:
-    from typing import Any, NoReturn
-
     from .models import Report
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130

@@ -30,9 +30,7 @@ subclasses may take keyword-only arguments freely.
 
 from __future__ import annotations
 
-TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing at run time
-if TYPE_CHECKING:
-    from typing import Any
+from typing import Any
 
 
 def _rebuild(cls: type[FetcherError], args: tuple[Any, ...], state: dict[str, Any]) -> Any:

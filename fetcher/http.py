@@ -21,6 +21,7 @@ import threading
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import quote, unquote, urljoin, urlsplit, urlunsplit
 
 from .config import FetchConfig
@@ -32,10 +33,6 @@ from .errors import (
     TruncatedError,
 )
 from .wire import Body, Connection, Headers, StaleConnection, WireError, tls_context
-
-TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing at run time
-if TYPE_CHECKING:
-    from typing import Any
 
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 _DRAIN_LIMIT = 64 * 1024

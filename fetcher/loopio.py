@@ -13,17 +13,14 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 from .config import FetchConfig
 from .download import type_matches
 from .wire import _host_bytes
 
-TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing at run time
-if TYPE_CHECKING:
-    from typing import Any
-
-    Address = tuple[Any, ...]
-    """(family, type, proto, sockaddr): what ``socket.socket`` and ``connect`` take."""
+Address = tuple[Any, ...]
+"""(family, type, proto, sockaddr): what ``socket.socket`` and ``connect`` take."""
 
 DNS_RETRY_S = 5.0
 """After a failed lookup, the host's items go to threads (which retry) this long."""

@@ -15,13 +15,10 @@ import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from .models import encode_record
 from .naming import DigestTable
-
-TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing at run time
-if TYPE_CHECKING:
-    from typing import Any
 
 MANIFEST_NAME = "manifest.jsonl"
 PUBLISHED_NAME = "published.jsonl"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import reprlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any, Literal
 
 try:  # what json's ensure_ascii=False uses, without importing the json package
     from _json import encode_basestring as _encode_str
@@ -13,11 +14,7 @@ except ImportError:  # pragma: no cover - Pythons without the C accelerator
 
 from .errors import BatchFailedError
 
-TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing at run time
-if TYPE_CHECKING:
-    from typing import Any, Literal
-
-    Status = Literal["ok", "skipped", "failed"]
+Status = Literal["ok", "skipped", "failed"]
 
 MANIFEST_FIELDS: tuple[str, ...] = (
     "url", "path", "status", "bytes", "sha256", "http_status", "attempts",

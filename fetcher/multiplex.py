@@ -39,6 +39,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from .config import FetchConfig
 from .download import (
@@ -66,10 +67,6 @@ from .wire import (
     parse_head,
     tls_context,
 )
-
-TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing at run time
-if TYPE_CHECKING:
-    from typing import Any
 
 LOOP_BODY_MAX = RESUME_MIN_BYTES
 """Largest body the loop keeps in memory. Larger ones stream on a thread to a partial

@@ -9,23 +9,24 @@ from __future__ import annotations
 import sys
 import threading
 import time
-
-TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing at run time
-if TYPE_CHECKING:
-    from typing import IO, Any
-
-    from ._progress_protocol import Progress as Progress
+from typing import IO, Any, Protocol, runtime_checkable
 
 
-def __getattr__(name: str) -> Any:
-    """``Progress`` is a typing.Protocol, built on first use: a run only ever calls a
-    progress object, and importing typing costs every start ~16 M instructions."""
-    if name == "Progress":
-        from ._progress_protocol import Progress
+@runtime_checkable
+class Progress(Protocol):
+    """Receives progress events from a run."""
 
-        globals()["Progress"] = Progress
-        return Progress
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    def start(self, total: int | None, *, unit: str = "file", desc: str = "") -> None:
+        """A run begins; ``total`` is None when the input has no known length."""
+
+    def set_total(self, total: int) -> None:
+        """The total became known (a streamed list reached its end)."""
+
+    def update(self, n: int = 1, *, nbytes: int = 0) -> None:
+        """``n`` items finished, carrying ``nbytes`` bytes."""
+
+    def close(self) -> None:
+        """The run ended."""
 
 
 class NullProgress:

@@ -17,14 +17,11 @@ import contextlib
 import hashlib
 import os
 import threading
+from typing import Any
 
 from .config import FetchConfig
 from .errors import CancelledError, ItemError, TransportError, TruncatedError
 from .http import HttpClient, Response, raise_for_status
-
-TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing at run time
-if TYPE_CHECKING:
-    from typing import Any
 
 _READ_BUF = 1024 * 1024
 

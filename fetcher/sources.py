@@ -26,14 +26,13 @@ import os
 import re
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import IO, TYPE_CHECKING, Any, TypeAlias, cast
 
 from .errors import ConfigError, UrlListError
 from .models import Job
 
-TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing at run time
 if TYPE_CHECKING:
     import csv
-    from typing import IO, Any, TypeAlias
 
 __all__ = ["FORMATS", "UrlSource", "detect_format", "iter_jobs", "validate_sha256", "validate_url"]
 
@@ -225,8 +224,6 @@ def iter_jobs(source: UrlSource, *, fmt: str | None = None) -> Iterator[Job]:
             return _iter_stream(sys.stdin, "<stdin>", canonical or "text")
         return _iter_path(path, canonical)
     if isinstance(source, io.IOBase) or hasattr(source, "read"):
-        from typing import cast  # streams only: runs from a file never import typing
-
         stream = cast("IO[Any]", source)
         name = getattr(stream, "name", None)
         return _iter_stream(stream, name if isinstance(name, str) else "<stream>",

@@ -20,11 +20,10 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
-TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing at run time
 if TYPE_CHECKING:
     import ssl
-    from typing import Any
 
 MAX_HEAD = 64 * 1024
 _RECV = 256 * 1024

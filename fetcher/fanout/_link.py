@@ -5,10 +5,7 @@ from __future__ import annotations
 import marshal
 import socket
 import struct
-
-TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing at run time
-if TYPE_CHECKING:
-    from typing import Any
+from typing import Any
 
 LENGTH = struct.Struct("!I")
 PICKLED = 0x8000_0000

@@ -12,6 +12,7 @@ import socket
 import sys
 import time
 from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 from ..errors import DownloadProcessError
 from ..http import redact
@@ -20,10 +21,7 @@ from ..multiplex import SigintCancels, capacity_of
 from ._link import BUF, QUIT_GRACE, Inbox, frame, portable, read_link, ready, split_evenly
 from ._worker import Worker
 
-TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing at run time
 if TYPE_CHECKING:
-    from typing import Any
-
     from ..downloader import _Run
 
 

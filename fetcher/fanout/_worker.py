@@ -11,6 +11,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 from ..http import redact
 from ..models import Job, Result
@@ -18,10 +19,7 @@ from ..multiplex import WAIT
 from ..progress import NullProgress
 from ._link import Inbox, dumps, frame, read_link
 
-TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing at run time
 if TYPE_CHECKING:
-    from typing import Any
-
     from ..downloader import _Run
 
 
