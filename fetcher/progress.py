@@ -87,9 +87,9 @@ class TqdmProgress:
             if self._delay <= 0:
                 self._draw()
                 return
-        self._timer = threading.Timer(self._delay, self._draw_pending)
-        self._timer.daemon = True
-        self._timer.start()
+            timer = self._timer = threading.Timer(self._delay, self._draw_pending)
+        timer.daemon = True
+        timer.start()
 
     def _draw_pending(self) -> None:
         import tqdm  # noqa: F401  (outside the lock: the run's updates go on meanwhile)
@@ -100,14 +100,14 @@ class TqdmProgress:
 
     def _draw(self) -> None:
         """Open the bar where the run is (holding the lock)."""
-        from tqdm import tqdm
-
         assert self._pending is not None
         total, unit, desc = self._pending
         self._pending = None
-        bar = self._bar = tqdm(total=total, unit=unit, desc=desc or None, file=self._file,
-                               mininterval=self._mininterval, dynamic_ncols=True,
-                               leave=True)
+        # miniters=1: each update checks the clock, so the bar never waits for a count
+        # that tqdm's monitor thread would otherwise have to correct (our bars run none).
+        bar = self._bar = _bar_class()(total=total, unit=unit, desc=desc or None,
+                                       file=self._file, mininterval=self._mininterval,
+                                       miniters=1, dynamic_ncols=True, leave=True)
         # Its clock starts with the run, not with the bar, for elapsed time and rate.
         late = time.monotonic() - self._started
         bar.start_t -= late
@@ -116,8 +116,7 @@ class TqdmProgress:
             self._set_postfix(time.monotonic())
         if self._count:
             bar.update(self._count)
-        else:
-            bar.refresh()
+        bar.refresh()  # now, whatever mininterval says: the run so far, at once
 
     def set_total(self, total: int) -> None:
         with self._lock:
@@ -152,15 +151,31 @@ class TqdmProgress:
     def close(self) -> None:
         with self._lock:
             self._pending = None  # a run that ended before its bar was due shows none
+            timer, self._timer = self._timer, None
             if self._bar is not None:
                 self._set_postfix(time.monotonic())  # the last bytes, not 0.2 s old ones
                 self._bar.close()
                 self._bar = None
-        if self._timer is not None:  # gone before close returns: a library caller's next
-            self._timer.cancel()      # run may fork only while it runs no other thread
-            if self._timer is not threading.current_thread():
-                self._timer.join(5.0)
-            self._timer = None
+        # Joined outside the lock, which the timer takes: gone before close returns, as a
+        # library caller's next run forks only while it runs no other thread.
+        if timer is not None:
+            timer.cancel()
+            if timer is not threading.current_thread():
+                timer.join(5.0)
+
+
+_BAR_CLASS: Any = None
+
+
+def _bar_class() -> Any:
+    """tqdm without its monitor thread, which outlives every bar: a thread left running
+    keeps a library caller's later runs from forking their download processes."""
+    global _BAR_CLASS
+    if _BAR_CLASS is None:
+        from tqdm import tqdm
+
+        _BAR_CLASS = type("_Bar", (tqdm,), {"monitor_interval": 0})
+    return _BAR_CLASS
 
 
 def _isatty(f: IO[str]) -> bool:

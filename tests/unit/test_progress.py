@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import subprocess
 import sys
+import threading
 import time
 
 from fetcher.progress import NullProgress, Progress, TqdmProgress
@@ -59,3 +60,18 @@ def test_a_bar_drawn_late_starts_where_the_run_is() -> None:
     bar.close()
     last = out.getvalue().replace("\r", "\n").strip().splitlines()[-1]
     assert "3/6" in last and "3.0 KiB" in last, last
+
+
+def test_a_drawn_bar_leaves_no_thread_behind() -> None:
+    """Neither the timer nor tqdm's monitor outlives close(): a library caller's next
+    run forks its download processes only while it runs no other thread."""
+    before = threading.active_count()
+    bar = TqdmProgress(file=io.StringIO(), disable=False, delay=0.01)
+    bar.start(3)
+    deadline = time.monotonic() + 5
+    while bar._bar is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert bar._bar is not None
+    bar.update(3)
+    bar.close()
+    assert threading.active_count() == before
