@@ -213,6 +213,7 @@ class _Run:
         self.published: ManifestWriter | None = None
         self.manifest: ManifestWriter | None = None
         self._ended = threading.Event()
+        self._watchers: list[threading.Thread] = []
         self._fanout: Any = None
         self._accountant: Callable[[Result, dict[str, Any] | None], None] = self._account
 
@@ -291,6 +292,8 @@ class _Run:
                 self._run_items(jobs, total)
         finally:
             self._ended.set()
+            for watcher in self._watchers:  # woken by _ended: gone at once, unless busy
+                watcher.join(1.0)            # telling a cluster's workers to cancel
             self.report.elapsed_s = time.monotonic() - started
             self.report.interrupted = self.ctx.cancel.is_set()
             self.report.stopped = self.ctx.stop_reason
@@ -346,8 +349,7 @@ class _Run:
 
     def _schedule(self, jobs: Iterable[Job], pool: _Pool) -> None:
         cancel, stop_new = self.ctx.cancel, self.ctx.stop_new
-        watcher = threading.Thread(target=self._watch_cancel, daemon=True)
-        watcher.start()
+        self._watch()
         for job in jobs:
             if cancel.is_set() or stop_new.is_set():
                 break
@@ -397,8 +399,7 @@ class _Run:
         loop = Multiplexer(self.ctx, capacity=capacity, done=done, handoff=handoff,
                            feed=feed)
         self._slot_done, self._looped = slot_done, True
-        watcher = threading.Thread(target=self._watch_cancel, daemon=True)
-        watcher.start()
+        self._watch()
         loop.run(items)
 
     def _planned(self, jobs: Iterable[Job]) -> Iterator[tuple[Job, str]]:
@@ -421,12 +422,25 @@ class _Run:
                 continue
             yield job, rel
 
+    def _watch(self) -> None:
+        """Start the thread that acts on ``cancel`` (``_cancelled``) during the run."""
+        watcher = threading.Thread(target=self._watch_cancel, daemon=True,
+                                   name="fetcher-cancel")
+        self._watchers.append(watcher)
+        watcher.start()
+
     def _watch_cancel(self) -> None:
-        """Abort in-flight transfers as soon as someone sets ``cancel`` (the CLI's Ctrl-C)."""
-        while not self._ended.is_set():
-            if self.ctx.cancel.wait(0.2):
-                self.ctx.abort_all()
+        """Act on ``cancel`` (the CLI's Ctrl-C, a library caller's event) within 50 ms.
+        It waits on the run's end, not on ``cancel``, so the end wakes it at once: gone
+        when the run returns, a library caller's next run may fork its processes."""
+        while not self._ended.wait(0.05):
+            if self.ctx.cancel.is_set():
+                self._cancelled()
                 return
+
+    def _cancelled(self) -> None:
+        """Abort in-flight transfers."""
+        self.ctx.abort_all()
 
     def _plan(self, job: Job) -> str | None:
         """The item's relative path, or None when it is finished here already."""

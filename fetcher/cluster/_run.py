@@ -170,8 +170,7 @@ class _ClusterRun(_Run):
         pending: dict[str, _Batch] = {}
         numbers = itertools.count()
         exhausted = interrupted = False
-        threading.Thread(target=self._watch_cancel, daemon=True,
-                         name="fetcher-cluster-cancel").start()
+        self._watch()
         while True:
             while (not exhausted or self._ready) and len(pending) < window \
                     and not self.ctx.cancel.is_set():
@@ -197,12 +196,9 @@ class _ClusterRun(_Run):
         if interrupted:
             raise KeyboardInterrupt
 
-    def _watch_cancel(self) -> None:
-        """Tell the workers as soon as someone sets ``cancel`` (the CLI's Ctrl-C)."""
-        while not self._ended.is_set():
-            if self.ctx.cancel.wait(0.2):
-                self._broadcast(_cancel_run)
-                return
+    def _cancelled(self) -> None:
+        """Tell the workers."""
+        self._broadcast(_cancel_run)
 
     def _interrupt(self) -> None:
         super()._interrupt()

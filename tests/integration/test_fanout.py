@@ -242,3 +242,21 @@ def test_a_fanned_out_cli_run_without_a_bar_imports_no_tqdm(server: TestServer,
         ["tqdm"])
     assert (code, loaded) == (0, [False]), err[-2000:]
     assert len(list((tmp_path / "o").glob("t*"))) == 300
+
+
+def test_a_library_callers_next_run_fans_out_too(server: TestServer, tmp_path: Path) -> None:
+    """Back-to-back fetch() calls: nothing of the first run (its cancel watcher, a
+    progress bar's threads) is still running when the second decides whether to fork.
+    The watcher used to wait up to 0.2 s on ``cancel`` before seeing the run had ended."""
+    lst = server.url_list(tmp_path / "urls.txt", "b", 300, b"b" * 50)
+    script = ("import io, sys, threading\n"
+              "from fetcher import fetch, TqdmProgress\n"
+              "bar = TqdmProgress(file=io.StringIO(), disable=False, delay=0.0)\n"
+              "one = fetch(sys.argv[1], sys.argv[2], progress=bar)\n"
+              "two = fetch(sys.argv[1], sys.argv[3])\n"
+              "print(one.processes, two.processes, threading.active_count())\n")
+    done = subprocess.run([sys.executable, "-c", script, str(lst), str(tmp_path / "a"),
+                           str(tmp_path / "b")], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    cores = min(len(os.sched_getaffinity(0)), 4)
+    assert done.stdout.split() == [str(cores), str(cores), "1"]
