@@ -15,7 +15,6 @@ the host changes. Transport exceptions become ``TransportError`` at this boundar
 from __future__ import annotations
 
 import contextlib
-import reprlib
 import socket
 import threading
 import time
@@ -32,6 +31,7 @@ from .errors import (
     TransportError,
     TruncatedError,
 )
+from .models import plain_methods
 from .wire import Body, Connection, Headers, StaleConnection, WireError, tls_context
 
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
@@ -194,6 +194,7 @@ Origin = tuple[str, str, int]
 """(scheme, host, port): the key of a keep-alive connection."""
 
 
+@plain_methods
 @dataclass(slots=True, init=False, repr=False, eq=False)
 class Prefetched:
     """Hop 0 of a GET whose head another loop sent and read; the connection stays open."""
@@ -204,8 +205,9 @@ class Prefetched:
     headers: Headers
     http11: bool
 
-    # Written out, not generated: dataclasses compiles generated methods at every import
-    # (~3 M instructions); tests/unit/test_models_dataclasses.py holds them to those.
+    # Written out, and __repr__/__eq__ from plain_methods, not generated: dataclasses
+    # compiles generated methods at every import (~3 M instructions);
+    # tests/unit/test_models_dataclasses.py holds them to those.
     def __init__(self, conn: Connection, key: Origin, status: int, headers: Headers,
                  http11: bool) -> None:
         self.conn = conn
@@ -213,17 +215,6 @@ class Prefetched:
         self.status = status
         self.headers = headers
         self.http11 = http11
-
-    @reprlib.recursive_repr()
-    def __repr__(self) -> str:
-        return (f"{self.__class__.__qualname__}(conn={self.conn!r}, key={self.key!r}, "
-                f"status={self.status!r}, headers={self.headers!r}, http11={self.http11!r})")
-
-    def __eq__(self, other: Any) -> bool:
-        if other.__class__ is self.__class__:
-            return (self.conn, self.key, self.status, self.headers, self.http11) \
-                == (other.conn, other.key, other.status, other.headers, other.http11)
-        return NotImplemented
 
 
 _PLAIN_ORIGINS: dict[str, tuple[Origin, str]] = {}

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+import operator
 import reprlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 try:  # what json's ensure_ascii=False uses, without importing the json package
     from _json import encode_basestring as _encode_str
@@ -46,12 +48,56 @@ _FACTORY: Any = object()
 """Default of a field whose default is made per instance (what dataclasses' own
 ``_HAS_DEFAULT_FACTORY`` is to its generated ``__init__``)."""
 
-# The classes below are dataclasses whose __init__, __repr__ and __eq__ (and Job's
-# __hash__) are written out rather than generated: dataclasses compiles generated
-# methods at every import, ~3 M instructions a class, a few percent of a one-file run.
-# tests/unit/test_models_dataclasses.py holds them to what dataclasses generates.
+# The classes below are dataclasses whose __init__ is written out and whose __repr__,
+# __eq__ (and Job's __hash__) come from plain_methods, rather than generated:
+# dataclasses compiles generated methods at every import, ~3 M instructions a class, a
+# few percent of a one-file run. tests/unit/test_models_dataclasses.py holds them to what
+# dataclasses generates.
+
+_C = TypeVar("_C", bound=type)
 
 
+def plain_methods(cls: _C) -> _C:
+    """Give a dataclass declared with ``repr=False, eq=False`` the ``__repr__``,
+    ``__eq__`` and ``__hash__`` dataclasses would generate from its fields, as closures
+    (nothing compiled at import). Apply it above ``@dataclass``."""
+    fields = dataclasses.fields(cls)
+
+    def getter(names: tuple[str, ...]) -> Callable[[Any], tuple[Any, ...]]:
+        if not names:
+            return lambda obj: ()
+        if len(names) == 1:
+            name = names[0]
+            return lambda obj: (getattr(obj, name),)
+        return operator.attrgetter(*names)
+
+    shown = tuple(f.name for f in fields if f.repr)
+    compared = getter(tuple(f.name for f in fields if f.compare))
+    hashed = getter(tuple(f.name for f in fields if (f.compare if f.hash is None else f.hash)))
+
+    @reprlib.recursive_repr()
+    def __repr__(self: Any) -> str:
+        return (f"{self.__class__.__qualname__}("
+                + ", ".join(f"{name}={getattr(self, name)!r}" for name in shown) + ")")
+
+    def __eq__(self: Any, other: Any) -> bool:
+        if other.__class__ is self.__class__:
+            return compared(self) == compared(other)
+        return NotImplemented
+
+    def __hash__(self: Any) -> int:
+        return hash(hashed(self))
+
+    for method in (__repr__, __eq__, __hash__):
+        method.__qualname__ = f"{cls.__qualname__}.{method.__name__}"
+    cls.__repr__ = __repr__  # type: ignore[assignment]
+    cls.__eq__ = __eq__  # type: ignore[assignment]
+    # As dataclasses does for eq=True: hashable when frozen, unhashable otherwise.
+    cls.__hash__ = __hash__ if cls.__dataclass_params__.frozen else None  # type: ignore[attr-defined,assignment]
+    return cls
+
+
+@plain_methods
 @dataclass(frozen=True, slots=True, init=False, repr=False, eq=False)
 class Job:
     """One entry of a URL list."""
@@ -78,26 +124,13 @@ class Job:
         _set_source(self, source)
         _set_line(self, line)
 
-    @reprlib.recursive_repr()
-    def __repr__(self) -> str:
-        return (f"{self.__class__.__qualname__}(url={self.url!r}, path={self.path!r}, "
-                f"sha256={self.sha256!r}, extra={self.extra!r}, source={self.source!r}, "
-                f"line={self.line!r})")
-
-    def __eq__(self, other: Any) -> bool:
-        if other.__class__ is self.__class__:
-            return (self.url, self.path, self.sha256, self.extra, self.source, self.line) \
-                == (other.url, other.path, other.sha256, other.extra, other.source, other.line)
-        return NotImplemented
-
-    def __hash__(self) -> int:
-        return hash((self.url, self.path, self.sha256, self.extra, self.source, self.line))
 
 
 _set_url, _set_path, _set_sha256, _set_extra, _set_source, _set_line = (
     Job.__dict__[name].__set__ for name in ("url", "path", "sha256", "extra", "source", "line"))
 
 
+@plain_methods
 @dataclass(slots=True, init=False, repr=False, eq=False)
 class Result:
     """The outcome of one Job: one manifest line."""
@@ -135,24 +168,6 @@ class Result:
         self.outputs = [] if outputs is _FACTORY else outputs
         self.extra = {} if extra is _FACTORY else extra
         self.exception = exception
-
-    @reprlib.recursive_repr()
-    def __repr__(self) -> str:
-        return (f"{self.__class__.__qualname__}(url={self.url!r}, path={self.path!r}, "
-                f"status={self.status!r}, bytes={self.bytes!r}, sha256={self.sha256!r}, "
-                f"http_status={self.http_status!r}, attempts={self.attempts!r}, "
-                f"elapsed_s={self.elapsed_s!r}, error_type={self.error_type!r}, "
-                f"error={self.error!r}, outputs={self.outputs!r}, extra={self.extra!r})")
-
-    def __eq__(self, other: Any) -> bool:
-        if other.__class__ is self.__class__:
-            return (self.url, self.path, self.status, self.bytes, self.sha256,
-                    self.http_status, self.attempts, self.elapsed_s, self.error_type,
-                    self.error, self.outputs, self.extra) \
-                == (other.url, other.path, other.status, other.bytes, other.sha256,
-                    other.http_status, other.attempts, other.elapsed_s, other.error_type,
-                    other.error, other.outputs, other.extra)
-        return NotImplemented
 
     @property
     def ok(self) -> bool:
@@ -204,6 +219,7 @@ class Result:
         return self
 
 
+@plain_methods
 @dataclass(slots=True, init=False, repr=False, eq=False)
 class Report:
     """What a batch produced. Failures are collected here, not raised."""
@@ -238,23 +254,6 @@ class Report:
         self.manifest = manifest
         self.sink = sink
         self.processes = processes
-
-    @reprlib.recursive_repr()
-    def __repr__(self) -> str:
-        return (f"{self.__class__.__qualname__}(results={self.results!r}, "
-                f"failures={self.failures!r}, counts={self.counts!r}, bytes={self.bytes!r}, "
-                f"elapsed_s={self.elapsed_s!r}, interrupted={self.interrupted!r}, "
-                f"stopped={self.stopped!r}, manifest={self.manifest!r}, sink={self.sink!r}, "
-                f"processes={self.processes!r})")
-
-    def __eq__(self, other: Any) -> bool:
-        if other.__class__ is self.__class__:
-            return (self.results, self.failures, self.counts, self.bytes, self.elapsed_s,
-                    self.interrupted, self.stopped, self.manifest, self.sink, self.processes) \
-                == (other.results, other.failures, other.counts, other.bytes,
-                    other.elapsed_s, other.interrupted, other.stopped, other.manifest,
-                    other.sink, other.processes)
-        return NotImplemented
 
     def add(self, result: Result, *, keep: bool = True) -> None:
         """Count ``result``; keep it in ``results`` when ``keep``.
