@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -631,6 +632,27 @@ def _command_tool(name: str, argv: list[str], check: Callable[[], str | None],
     return Tool(name, lambda c: list(argv), check, version, verify=False)
 
 
+def _on_a_terminal(argv: list[str]) -> list[str]:
+    """``argv`` under a pseudo-terminal of 100 x 40 (util-linux script(1)), as a user at a
+    terminal runs it: stderr is a tty, so fetcher's progress bar is live."""
+    return ["script", "-qec", "stty cols 100 rows 40; " + shlex.join(argv), "/dev/null"]
+
+
+def _script_check() -> str | None:
+    return None if shutil.which("script") else "script(1) (util-linux) not found"
+
+
+def _terminal_fetcher_tool(name: str) -> Tool:
+    def build(c: Ctx) -> list[str]:
+        return _on_a_terminal([*common.fetcher_cmd(), "get", str(c.list_path),
+                               "-o", str(c.out)])
+
+    def check() -> str | None:
+        return _script_check() or _fetcher_check()()
+
+    return Tool(name, build, check, _fetcher_version)
+
+
 def _startup_note() -> str:
     fetcher = common.prepare_fetcher()
     if fetcher.kind == "installed":
@@ -649,6 +671,11 @@ def suite_startup(ng: common.Nginx, s: Settings) -> dict[str, Any]:
         _command_tool("fetcher --help", [*common.fetcher_cmd(), "--help"],
                       _fetcher_check(), _fetcher_version),
         fetcher_tool("fetcher get (1 URL)", threads=False),
+        # No --quiet, on a terminal: what a user at a shell waits for, progress bar
+        # machinery included; script(1) alone is measured beside it.
+        _terminal_fetcher_tool("fetcher get (1 URL, terminal)"),
+        _command_tool("script(1) alone", _on_a_terminal(["true"]), _script_check,
+                      lambda: "util-linux script"),
         curl_single_tool("curl (1 URL)"),
         _command_tool("python -c pass", [common.prepare_fetcher().python, "-c", "pass"],
                       lambda: None, lambda: sys.version.split()[0]),
@@ -669,7 +696,8 @@ def suite_startup(ng: common.Nginx, s: Settings) -> dict[str, Any]:
         rounds=rounds,
         rate=None,
         wall_targets=[("fetcher --help", "wall < 0.3 s", 0.3),
-                      ("fetcher get (1 URL)", "wall < 0.5 s", 0.5)],
+                      ("fetcher get (1 URL)", "wall < 0.5 s", 0.5),
+                      ("fetcher get (1 URL, terminal)", "wall < 0.5 s", 0.5)],
         notes=[_startup_note()],
     )
 
@@ -1027,7 +1055,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 RUNNERS[name](ng, settings)
                 common.log(f"{name}: done in {time.perf_counter() - t1:.0f} s")
     finally:
-        settings.outputs.cleanup()
+        if settings.outputs is not None:
+            settings.outputs.cleanup()
     common.log(f"all done in {time.perf_counter() - t0:.0f} s")
     return 0
 
