@@ -710,6 +710,8 @@ def suite_small(ng: common.Nginx, s: Settings) -> dict[str, Any]:
     lst = common.write_lines(s.work / "lists" / "small.txt", urls)
     tools = [
         fetcher_tool(),
+        # The same run kept in one process: what fanning out costs and gains here.
+        fetcher_tool("fetcher 1 process", "--download-processes", "1"),
         curl_parallel_tool(),
         wget2_tool(),
         aria2c_tool(),
