@@ -372,31 +372,19 @@ class _Run:
         """The loop over ``items`` (planned already), on ``share`` connections (default:
         the run's), with ``pool`` behind it; ``feed`` as ``Multiplexer`` takes it."""
         cap = share if share is not None else capacity_of(self.cfg)
-        lock = threading.Lock()
-        handed = [0]
-
-        def capacity() -> int:
-            return cap - handed[0]
 
         def done(result: Result, job: Job) -> None:
             result.extra = job.extra
             self._finish(result)
 
         def handoff(job: Job, rel: str, first: Any) -> None:
-            with lock:
-                handed[0] += 1
             pool.submit(self._work, job, rel, first)
 
         def slot_done() -> None:
             client = getattr(self._local, "client", None)
-            if client is not None:
-                for key, conn in client.take_idle():
-                    loop.give_back(key, conn)
-            with lock:
-                handed[0] -= 1
-            loop.wake()
+            loop.handed_done(client.take_idle() if client is not None else [])
 
-        loop = Multiplexer(self.ctx, capacity=capacity, done=done, handoff=handoff,
+        loop = Multiplexer(self.ctx, capacity=cap, done=done, handoff=handoff,
                            feed=feed)
         self._slot_done, self._looped = slot_done, True
         self._watch()

@@ -439,7 +439,7 @@ class HttpClient:
                 sock.shutdown(socket.SHUT_RDWR)
 
     def take_idle(self) -> list[tuple[Origin, Connection]]:
-        """Remove and return the pooled direct connections (for ``Multiplexer.give_back``)."""
+        """Remove and return the pooled direct connections (for ``Multiplexer.handed_done``)."""
         idle = list(self._idle.items())
         self._idle.clear()
         return idle

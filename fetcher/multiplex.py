@@ -126,17 +126,20 @@ class _Conn:
 class Multiplexer:
     """Runs items on up to ``capacity`` connections from one thread (see module doc)."""
 
-    def __init__(self, ctx: RunContext, *, capacity: Callable[[], int],
+    def __init__(self, ctx: RunContext, *, capacity: int,
                  done: Callable[[Result, Job], None], handoff: Handoff,
                  feed: Any = None) -> None:
-        """``feed``, if given, is watched beside the connections: ``feed.pump()`` runs
-        when its ``fileno()`` is readable and ``feed.tick()`` after every round of
-        events (a fan-out worker's link to its parent)."""
+        """``capacity`` connections are shared by the loop and the items it hands off:
+        each hand-off holds one until its thread calls ``handed_done``. ``feed``, if
+        given, is watched beside the connections: ``feed.pump()`` runs when its
+        ``fileno()`` is readable and ``feed.tick()`` after every round of events (a
+        fan-out worker's link to its parent)."""
         self.ctx = ctx
         self.cfg = ctx.config
-        self._capacity = capacity
+        self._cap = capacity
+        self._handed = 0  # hand-offs still on a thread; changed on the loop's thread only
         self._done = done
-        self._handoff = handoff
+        self._pass = handoff
         self._heads = HttpClient(self.cfg)  # builds request heads; never connects
         self._sel = selectors.DefaultSelector()
         self._idle: dict[Origin, list[_Conn]] = {}
@@ -151,7 +154,13 @@ class Multiplexer:
         self._feed = feed
         if feed is not None:
             self._sel.register(feed.fileno(), _READ, feed)
-        self._returned: collections.deque[tuple[Origin, Connection]] = collections.deque()
+        # One entry per ended hand-off: its slot and its idle connections come back
+        # together, so the loop never sees the slot free without the connection (and
+        # opens another) nor the connection without the slot (and closes it).
+        self._returned: collections.deque[list[tuple[Origin, Connection]]] = \
+            collections.deque()
+        self._ended_lock = threading.Lock()
+        self._ended = False
 
     # -- public ----------------------------------------------------------------------
     def wake(self) -> None:
@@ -159,37 +168,55 @@ class Multiplexer:
         with contextlib.suppress(OSError):
             self._wake_w.send(b"x")
 
-    def give_back(self, key: Origin, conn: Connection) -> None:
-        """Return a thread's idle keep-alive connection to the loop (any thread).
+    def handed_done(self, idle: list[tuple[Origin, Connection]]) -> None:
+        """A handed-off item ended on its thread (any thread): its slot comes back, with
+        the thread's ``idle`` keep-alive connections (the one the loop passed it).
 
-        Handed-off items end on a thread holding the connection the loop passed it;
-        taking it back keeps the run at ``threads`` connections and spares a connect.
+        Taking the connection back keeps the run at ``capacity`` connections and spares
+        a connect; after the loop has ended they are closed here.
         """
-        self._returned.append((key, conn))
+        with self._ended_lock:
+            if not self._ended:
+                self._returned.append(idle)
+                idle = []
+        for _, conn in idle:
+            conn.close()
         self.wake()
+
+    def _handoff(self, job: Job, rel: str, first: Any) -> None:
+        self._handed += 1
+        self._pass(job, rel, first)
+
+    def _capacity(self) -> int:
+        return self._cap - self._handed
 
     def _take_back(self) -> None:
         while self._returned:
-            key, wired = self._returned.popleft()
-            unread = wired.buf or (key[0] == "https" and wired.sock.pending())  # type: ignore[attr-defined]
-            if not unread:  # bytes (or the server's FIN) already waiting in the socket
-                try:
-                    unread = bool(select.select([wired.sock], [], [], 0)[0])
-                except (OSError, ValueError):
-                    unread = True
-            if unread or len(self._active) + self._n_idle >= self._capacity():
-                wired.close()
-                continue
-            conn = _Conn(key, [])
-            conn.sock, conn.requests, conn.state = wired.sock, wired.requests, _IDLE
+            returned = self._returned.popleft()
+            self._handed -= 1
+            for key, wired in returned:
+                self._adopt_idle(key, wired)
+
+    def _adopt_idle(self, key: Origin, wired: Connection) -> None:
+        unread = wired.buf or (key[0] == "https" and wired.sock.pending())  # type: ignore[attr-defined]
+        if not unread:  # bytes (or the server's FIN) already waiting in the socket
             try:
-                conn.sock.setblocking(False)
-            except OSError:
-                wired.close()
-                continue
-            self._watch(conn, _READ)
-            self._idle.setdefault(key, []).append(conn)
-            self._n_idle += 1
+                unread = bool(select.select([wired.sock], [], [], 0)[0])
+            except (OSError, ValueError):
+                unread = True
+        if unread or len(self._active) + self._n_idle >= self._capacity():
+            wired.close()
+            return
+        conn = _Conn(key, [])
+        conn.sock, conn.requests, conn.state = wired.sock, wired.requests, _IDLE
+        try:
+            conn.sock.setblocking(False)
+        except OSError:
+            wired.close()
+            return
+        self._watch(conn, _READ)
+        self._idle.setdefault(key, []).append(conn)
+        self._n_idle += 1
 
     def run(self, items: Iterator[tuple[Job, str]]) -> None:
         """Download every item; returns when all are done or handed off.
@@ -656,8 +683,11 @@ class Multiplexer:
         for conn in list(self._active):
             self._discard(conn)
         self._active.clear()
+        with self._ended_lock:
+            self._ended = True
         while self._returned:
-            self._returned.popleft()[1].close()
+            for _, wired in self._returned.popleft():
+                wired.close()
         self._sel.close()
         self._wake_r.close()
         self._wake_w.close()

@@ -242,9 +242,6 @@ def _loop_items(run: _WorkerRun, ctx: _AttemptContext, shared: Path, journal: _J
         index[id(job)] = i
         jobs.append((job, rel))
     cap = capacity_of(run.config)
-    handed = [0]
-    lock = threading.Lock()
-
     def finished(result: Result, job: Job) -> None:
         i = index[id(job)]
         if result.status == "ok":
@@ -256,19 +253,13 @@ def _loop_items(run: _WorkerRun, ctx: _AttemptContext, shared: Path, journal: _J
 
     def handoff(job: Job, rel: str, first: Prefetched | ItemError | None) -> None:
         i = index[id(job)]
-        with lock:
-            handed[0] += 1
         _chain(run.pool.submit(handed_item, items[i], first), futures[i])
 
     def handed_item(item: _Item, first: Prefetched | ItemError | None) -> Result:
         try:
             return _run_item(run, ctx, shared, journal, item, first)
         finally:
-            for key, conn in run.client().take_idle():
-                loop.give_back(key, conn)
-            with lock:
-                handed[0] -= 1
-            loop.wake()
+            loop.handed_done(run.client().take_idle())
 
     started: set[int] = set()
 
@@ -277,7 +268,7 @@ def _loop_items(run: _WorkerRun, ctx: _AttemptContext, shared: Path, journal: _J
             started.add(index[id(job)])
             yield job, rel
 
-    loop = Multiplexer(ctx, capacity=lambda: cap - handed[0], done=finished,
+    loop = Multiplexer(ctx, capacity=cap, done=finished,
                        handoff=handoff)
     loop.run(feed())
     why = run.stop_reason or ctx.stop_reason or "interrupted"

@@ -215,8 +215,11 @@ def test_hand_offs_give_their_connection_back(dest: Path) -> None:
     with RawServer(mixed) as srv:
         report = fetch([srv.url(f"/h{i}") for i in range(60)], dest, threads=2, retries=0)
     assert report.counts == {"ok": 54, "skipped": 0, "failed": 6}
-    assert srv.max_open <= 2  # the 404s went to threads and their sockets came back
-    assert srv.connections <= 8
+    # The 404s went to threads and their sockets came back with their slots: a slot
+    # seen free before its socket came back used to open a third connection (and
+    # close one), which the server could count as three open at once.
+    assert srv.max_open <= 2
+    assert srv.connections == 2
 
 
 def test_host_names_resolve_off_the_loop_and_fall_back_across_addresses(
