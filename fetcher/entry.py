@@ -245,6 +245,30 @@ def run_get(*, urls: str, output: Path, threads: int, retries: int, timeout: flo
     raise SystemExit(render(report, as_json=as_json, quiet=quiet))
 
 
+def _leave(code: int) -> NoReturn:
+    """Exit the command's own process with ``code``, without the interpreter's teardown
+    when nothing is left for it to do.
+
+    Tearing down ~80 modules (and the objects ``gc.freeze`` kept) costs a one-URL
+    ``get`` ~5.5 M instructions, 3% of it. It is skipped only when it could do no more
+    than free memory: no other thread is alive, no ``atexit`` callback is registered
+    (multiprocessing's, a coverage tool's, an embedding script's), and the standard
+    streams flush cleanly. Otherwise the process exits the ordinary way.
+    """
+    import atexit
+
+    pending = getattr(atexit, "_ncallbacks", None)
+    if pending is not None and pending() == 0 and threading.active_count() == 1:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            pass
+        else:
+            os._exit(code)
+    raise SystemExit(code)
+
+
 class _Deferred(types.ModuleType):
     """A module in ``sys.modules`` that imports itself on first attribute access."""
 
@@ -272,7 +296,15 @@ def _defer_inspect() -> None:
 def main() -> None:
     """Console entry point: ``fetcher ...``."""
     _defer_inspect()
-    args = sys.argv[1:]
+    try:
+        _command(sys.argv[1:])
+    except SystemExit as exc:
+        if exc.code is None or isinstance(exc.code, int):
+            _leave(exc.code or 0)
+        raise
+
+
+def _command(args: list[str]) -> None:
     try:
         if args[:1] == ["get"]:
             options = parse_get(args[1:])

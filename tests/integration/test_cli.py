@@ -83,3 +83,57 @@ def test_help_lists_the_commands() -> None:
     assert res.exit_code == 0
     for command in ("get", "process", "write"):
         assert command in res.stdout
+
+
+_EMBEDDED = """\
+import atexit, os, sys, threading, time
+from pathlib import Path
+
+marks = Path(sys.argv[1])
+mode = sys.argv[2]
+hard_exit = os._exit
+
+
+def spied_exit(code: int) -> None:
+    sys.stderr.write("no teardown\\n")
+    sys.stderr.flush()
+    hard_exit(code)
+
+
+os._exit = spied_exit
+if mode == "atexit":
+    atexit.register(lambda: (marks / "atexit").write_text("ran"))
+if mode == "thread":
+    def late() -> None:
+        time.sleep(0.3)
+        (marks / "thread").write_text("ran")
+    threading.Thread(target=late).start()
+sys.argv = ["fetcher", "get", *sys.argv[3:]]
+from fetcher.entry import main
+main()
+"""
+
+
+def test_the_console_exit_skips_teardown_only_when_nothing_needs_it(
+        server: TestServer, tmp_path: Path) -> None:
+    """The console entry point exits without the interpreter's teardown (a few ms of a
+    short run) when no thread and no atexit callback could still need it; otherwise
+    every callback runs and every thread finishes. Output is complete either way."""
+    urls = [server.add(f"/x{i}.bin", bytes([i]) * 3000) for i in range(30)]
+    lst = _list(tmp_path, urls)
+    for mode in ("plain", "atexit", "thread"):
+        marks = tmp_path / mode
+        marks.mkdir()
+        out = tmp_path / f"out-{mode}"
+        proc = subprocess.run(
+            [sys.executable, "-c", _EMBEDDED, str(marks), mode, str(lst), "-o", str(out),
+             "--json"],
+            capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads(proc.stdout)["ok"] == 30  # flushed into the pipe
+        assert "30 ok, 0 skipped, 0 failed" in proc.stderr
+        assert ("no teardown" in proc.stderr) == (mode == "plain"), (mode, proc.stderr)
+        assert sorted(p.name for p in marks.iterdir()) == ([] if mode == "plain" else [mode])
+        assert len(list((out / ".fetcher").glob("manifest.jsonl"))) == 1
+        lines = (out / ".fetcher" / "manifest.jsonl").read_text().splitlines()
+        assert len(lines) == 30
