@@ -73,13 +73,20 @@ def cli_modules(argv: list[str], modules: list[str],
     import subprocess
     import sys
 
-    probe = ("import json, sys, runpy\n"
+    # The console entry point may leave through os._exit (no teardown): the probe
+    # reports from there too, in this process only (not in a fan-out worker).
+    probe = ("import json, os, sys, runpy\n"
              "argv, modules = json.loads(sys.argv[1]), json.loads(sys.argv[2])\n"
              "sys.argv = ['fetcher', *argv]\n"
-             "code = 0\n"
+             "me, hard_exit = os.getpid(), os._exit\n"
+             "def report(code):\n"
+             "    print(json.dumps([code, [m in sys.modules for m in modules]]), flush=True)\n"
+             "def spied_exit(code):\n"
+             "    if os.getpid() == me:\n        report(code)\n"
+             "    hard_exit(code)\n"
+             "os._exit = spied_exit\n"
              "try:\n    runpy.run_module('fetcher', run_name='__main__')\n"
-             "except SystemExit as exc:\n    code = exc.code\n"
-             "print(json.dumps([code, [m in sys.modules for m in modules]]))\n")
+             "except SystemExit as exc:\n    report(exc.code)\n")
     done = subprocess.run([sys.executable, "-c", probe, json.dumps(argv), json.dumps(modules)],
                           capture_output=True, text=True, timeout=timeout)
     lines = done.stdout.strip().splitlines()
