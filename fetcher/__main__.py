@@ -1,6 +1,6 @@
 """``python -m fetcher``."""
 
-from fetcher.entry import main
+from fetcher._console import main
 
 if __name__ == "__main__":
     main()

@@ -12,12 +12,10 @@ typer, so errors and help always come from one place. Both paths end in ``run_ge
 
 from __future__ import annotations
 
-import importlib
 import os
 import signal
 import sys
 import threading
-import types
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -269,33 +267,8 @@ def _leave(code: int) -> NoReturn:
     raise SystemExit(code)
 
 
-class _Deferred(types.ModuleType):
-    """A module in ``sys.modules`` that imports itself on first attribute access."""
-
-    _lock = threading.Lock()
-
-    def __getattr__(self, attr: str) -> Any:
-        name = self.__name__
-        with _Deferred._lock:
-            if sys.modules.get(name) is self:
-                del sys.modules[name]
-            real = importlib.import_module(name)
-        self.__dict__.update(real.__dict__)  # later lookups through this stub hit these
-        return getattr(real, attr)
-
-
-def _defer_inspect() -> None:
-    """dataclasses imports inspect, which imports ast, dis and tokenize: ~30 M
-    instructions (~10 ms), a sixth of a one-file run's start-up. dataclasses only calls
-    it for a class without a docstring, and fetcher's all have one; the command owns its
-    process, so inspect loads when something first uses it (typer does, for --help)."""
-    if "inspect" not in sys.modules:
-        sys.modules["inspect"] = _Deferred("inspect")
-
-
 def main() -> None:
     """Console entry point: ``fetcher ...``."""
-    _defer_inspect()
     try:
         _command(sys.argv[1:])
     except SystemExit as exc:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import io
-import ipaddress
 import os
 import re
 import sys
@@ -144,6 +143,8 @@ def validate_url(url: str, *, source: str = "<list>", line: int | None = None) -
 
 
 def _is_ipv6(bracketed: str) -> bool:
+    import ipaddress  # ~6 M instructions, for the rare [IPv6] literal
+
     try:
         ipaddress.IPv6Address(bracketed[1:-1].partition("%25")[0])
     except ValueError:

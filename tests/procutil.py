@@ -65,10 +65,24 @@ def gone(pids: list[int], limit: float = 10.0) -> bool:
     return False
 
 
-def cli_modules(argv: list[str], modules: list[str],
-                timeout: float = 60) -> tuple[int | str | None, list[bool], str]:
+def bare_python() -> tuple[list[str], dict[str, str]]:
+    """An interpreter command and environment that start as a user's installed fetcher
+    does: ``-S`` skips site-packages and their .pth start-up code (this checkout's
+    editable install imports pathlib, and with it ipaddress, into every interpreter),
+    and fetcher comes from this checkout. Only fetcher's own modules can be imported."""
+    import os
+    import sys
+
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    return [sys.executable, "-S"], env
+
+
+def cli_modules(argv: list[str], modules: list[str], timeout: float = 60, *,
+                bare: bool = False) -> tuple[int | str | None, list[bool], str]:
     """Run ``fetcher ARGV`` in a fresh interpreter as the console script does; return
-    its exit code, whether each of ``modules`` was imported by the end, and stderr."""
+    its exit code, whether each of ``modules`` was imported by the end (a stub the entry
+    point left for a deferred module does not count), and stderr. ``bare``: in
+    ``bare_python()``'s interpreter."""
     import json
     import subprocess
     import sys
@@ -80,15 +94,17 @@ def cli_modules(argv: list[str], modules: list[str],
              "sys.argv = ['fetcher', *argv]\n"
              "me, hard_exit = os.getpid(), os._exit\n"
              "def report(code):\n"
-             "    print(json.dumps([code, [m in sys.modules for m in modules]]), flush=True)\n"
+             "    loaded = [type(sys.modules.get(m)).__name__ == 'module' for m in modules]\n"
+             "    print(json.dumps([code, loaded]), flush=True)\n"
              "def spied_exit(code):\n"
              "    if os.getpid() == me:\n        report(code)\n"
              "    hard_exit(code)\n"
              "os._exit = spied_exit\n"
              "try:\n    runpy.run_module('fetcher', run_name='__main__')\n"
              "except SystemExit as exc:\n    report(exc.code)\n")
-    done = subprocess.run([sys.executable, "-c", probe, json.dumps(argv), json.dumps(modules)],
-                          capture_output=True, text=True, timeout=timeout)
+    python, env = bare_python() if bare else ([sys.executable], None)
+    done = subprocess.run([*python, "-c", probe, json.dumps(argv), json.dumps(modules)],
+                          capture_output=True, text=True, timeout=timeout, env=env)
     lines = done.stdout.strip().splitlines()
     if not lines:
         return None, [], done.stderr

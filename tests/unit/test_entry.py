@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +12,7 @@ from hypothesis import strategies as st
 
 from fetcher.cli import app
 from fetcher.entry import GET_OPTIONS, parse_get
-from tests.procutil import cli_modules
+from tests.procutil import bare_python, cli_modules
 
 GET = typer.main.get_command(app).commands["get"]  # type: ignore[attr-defined]
 
@@ -129,18 +128,31 @@ def test_console_script_fast_path_skips_typer(tmp_path: Path) -> None:
     bad = tmp_path / "list.txt"
     bad.write_text("not a url\n")
     code, loaded, err = cli_modules(["get", str(bad), "-o", str(tmp_path / "o"), "-q"],
-                                    ["typer", "ast"])
+                                    ["typer", "ast", "inspect", "ipaddress"], bare=True)
     assert code == 2
     assert "list.txt:1" in err
-    assert loaded == [False, False]  # no typer, no inspect (ast)
+    assert loaded == [False, False, False, False]  # no typer; inspect, ipaddress deferred
+
+
+def test_a_deferred_ipaddress_still_checks_ipv6_hosts(tmp_path: Path) -> None:
+    """The entry point defers ipaddress; a list with an [IPv6] host loads it and a bad
+    literal is still refused with its file and line."""
+    bad = tmp_path / "list.txt"
+    bad.write_text("http://[::1]:9/fine\nhttp://[::zz]/x\n")
+    code, loaded, err = cli_modules(["get", str(bad), "-o", str(tmp_path / "o"), "-q"],
+                                    ["ipaddress"], bare=True)
+    assert code == 2
+    assert "list.txt:2" in err
+    assert loaded == [True]
 
 
 def test_a_deferred_module_loads_on_first_use() -> None:
-    """inspect, deferred by the entry point, is the real module from its first use on,
-    through the name any module bound before that, and from then on in sys.modules."""
+    """inspect and ipaddress, deferred by the entry point, are the real modules from
+    their first use on, through the name any module bound before that, and from then on
+    in sys.modules."""
     probe = ("import sys\n"
-             "from fetcher.entry import _defer_inspect\n"
-             "_defer_inspect()\n"
+             "from fetcher._console import defer_unneeded\n"
+             "defer_unneeded()\n"
              "import dataclasses, inspect\n"
              "assert 'ast' not in sys.modules\n"
              "@dataclasses.dataclass\n"
@@ -149,8 +161,16 @@ def test_a_deferred_module_loads_on_first_use() -> None:
              "real = sys.modules['inspect']\n"
              "assert type(real).__name__ == 'module' and 'ast' in sys.modules\n"
              "assert inspect.signature is real.signature\n"
+             "import urllib.parse\n"  # binds the ipaddress stub
+             "assert type(sys.modules['ipaddress']).__name__ == '_Deferred'\n"
+             "assert urllib.parse.urlsplit('http://[::1]:8/x').hostname == '::1'\n"
+             "assert type(sys.modules['ipaddress']).__name__ == 'module'\n"
+             "try:\n    urllib.parse.urlsplit('http://[::zz]/x')\n"
+             "except ValueError:\n    pass\n"
+             "else:\n    raise AssertionError('a bad IPv6 literal passed')\n"
              "print('ok')\n")
-    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
-                          timeout=60)
+    python, env = bare_python()
+    done = subprocess.run([*python, "-c", probe], capture_output=True, text=True,
+                          timeout=60, env=env)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "ok"
