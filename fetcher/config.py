@@ -9,6 +9,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .errors import ConfigError
+from .models import plain_methods
+
+_set = object.__setattr__  # a frozen dataclass's fields are set this way
+_FACTORY: Any = object()
+"""Default of ``headers``: a new dict per instance (dataclasses' ``_HAS_DEFAULT_FACTORY``)."""
 
 FANOUT_MIN_ITEMS = 256
 """Shortest list that is shared among download processes when ``download_processes`` is
@@ -18,7 +23,8 @@ OnExists = Literal["rename", "skip", "overwrite", "error"]
 ON_EXISTS: tuple[str, ...] = ("rename", "skip", "overwrite", "error")
 
 
-@dataclass(frozen=True, slots=True)
+@plain_methods
+@dataclass(frozen=True, slots=True, init=False, repr=False, eq=False)
 class FetchConfig:
     """Everything that shapes one download run. Every field is documented in place."""
 
@@ -78,6 +84,67 @@ class FetchConfig:
     """Keep every Result in the Report (set False for huge lists; failures are always kept)."""
     user_agent: str = "fetcher/0.1"
     """User-Agent header value."""
+
+    # Written out, as models.py's classes are: dataclasses compiles a generated
+    # __init__, __repr__, __eq__ and __hash__ at every import, ~8 M instructions, 5% of
+    # a one-file run. tests/unit/test_models_dataclasses.py holds them to what
+    # dataclasses would generate.
+    def __init__(
+            self,
+            threads: int = 8,
+            retries: int = 5,
+            timeout: float = 30.0,
+            on_exists: OnExists = "rename",
+            force: bool = False,
+            content_disposition: bool = False,
+            per_host: int | None = None,
+            rate: float | None = None,
+            split: int = 1,
+            split_min_size: int = 16 * 1024 * 1024,
+            expect_type: str | None = None,
+            max_redirects: int = 10,
+            headers: Mapping[str, str] = _FACTORY,
+            auth: tuple[str, str] | None = None,
+            proxies: Mapping[str, str] | None = None,
+            verify: bool | str = True,
+            cert: str | tuple[str, str] | None = None,
+            chunk_size: int = 1024 * 1024,
+            backoff_base: float = 0.5,
+            backoff_max: float = 30.0,
+            retry_after_max: float = 300.0,
+            download_processes: int | None = None,
+            window: int | None = None,
+            manifest: Path | None = None,
+            keep_results: bool = True,
+            user_agent: str = "fetcher/0.1",
+    ) -> None:
+        _set(self, "threads", threads)
+        _set(self, "retries", retries)
+        _set(self, "timeout", timeout)
+        _set(self, "on_exists", on_exists)
+        _set(self, "force", force)
+        _set(self, "content_disposition", content_disposition)
+        _set(self, "per_host", per_host)
+        _set(self, "rate", rate)
+        _set(self, "split", split)
+        _set(self, "split_min_size", split_min_size)
+        _set(self, "expect_type", expect_type)
+        _set(self, "max_redirects", max_redirects)
+        _set(self, "headers", {} if headers is _FACTORY else headers)
+        _set(self, "auth", auth)
+        _set(self, "proxies", proxies)
+        _set(self, "verify", verify)
+        _set(self, "cert", cert)
+        _set(self, "chunk_size", chunk_size)
+        _set(self, "backoff_base", backoff_base)
+        _set(self, "backoff_max", backoff_max)
+        _set(self, "retry_after_max", retry_after_max)
+        _set(self, "download_processes", download_processes)
+        _set(self, "window", window)
+        _set(self, "manifest", manifest)
+        _set(self, "keep_results", keep_results)
+        _set(self, "user_agent", user_agent)
+        self.__post_init__()
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> ConfigError:

@@ -1,23 +1,27 @@
-"""Job, Result, Report (and http.Prefetched) write out __init__, __repr__, __eq__ (and
-Job's __hash__) instead of letting dataclasses generate them at import: they must
-behave exactly like what dataclasses would generate from the same fields, a field
-added later included."""
+"""Job, Result, Report, FetchConfig (and http.Prefetched) write out __init__,
+__repr__, __eq__ (and the frozen ones' __hash__) instead of letting dataclasses generate
+them at import: they must behave exactly like what dataclasses would generate from the
+same fields, a field added later included."""
 
 from __future__ import annotations
 
 import dataclasses
 import inspect
 import pickle
+from pathlib import Path
 from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fetcher.config import ON_EXISTS, FetchConfig
+from fetcher.errors import ConfigError
 from fetcher.http import Prefetched
 from fetcher.models import Job, Report, Result
 
 CLASSES = [Job, Result, Report, Prefetched]
+WRITTEN_OUT = [*CLASSES, FetchConfig]  # FetchConfig validates: its values below
 
 
 def _generated(cls: type) -> type:
@@ -38,7 +42,7 @@ def _required(cls: type) -> list[str]:
     return ["x" for p in inspect.signature(cls).parameters.values() if p.default is p.empty]
 
 
-@pytest.mark.parametrize("cls", CLASSES)
+@pytest.mark.parametrize("cls", WRITTEN_OUT)
 def test_signature_and_defaults_are_the_generated_ones(cls: type) -> None:
     ref = _generated(cls)
     ours, theirs = inspect.signature(cls).parameters, inspect.signature(ref).parameters
@@ -102,7 +106,7 @@ def test_repr_of_a_cycle_is_the_generated_one() -> None:
     assert repr(report) == repr(ref)
 
 
-@pytest.mark.parametrize("cls", CLASSES)
+@pytest.mark.parametrize("cls", WRITTEN_OUT)
 def test_frozenness_is_unchanged(cls: type) -> None:
     ref = _generated(cls)
     assert cls.__dataclass_params__.frozen == ref.__dataclass_params__.frozen  # type: ignore[attr-defined]
@@ -114,3 +118,63 @@ def test_frozenness_is_unchanged(cls: type) -> None:
     else:
         setattr(obj, name, "y")
         assert getattr(obj, name) == "y"
+
+
+# A valid value other than the default for every field of FetchConfig.
+_CONFIG_VALUES: dict[str, list[Any]] = {
+    "threads": [1, 16], "retries": [0, 9], "timeout": [0.5], "on_exists": list(ON_EXISTS),
+    "force": [True], "content_disposition": [True], "per_host": [2], "rate": [1.5],
+    "split": [4], "split_min_size": [1], "expect_type": ["image/*"], "max_redirects": [0],
+    "headers": [{"X-A": "1"}, {}], "auth": [("u", "p")], "proxies": [{"http": "http://p:1"}],
+    "verify": [False, "/ca.pem"], "cert": ["c.pem", ("c", "k")], "chunk_size": [4096],
+    "backoff_base": [0.1], "backoff_max": [1.0], "retry_after_max": [5.0],
+    "download_processes": [1, 3], "window": [7], "manifest": [Path("m.jsonl")],
+    "keep_results": [False], "user_agent": ["x/1"],
+}
+
+
+def test_every_config_field_has_test_values() -> None:
+    assert set(_CONFIG_VALUES) == {f.name for f in dataclasses.fields(FetchConfig)}
+
+
+def _config_kwargs(data: st.DataObject, label: str) -> dict[str, Any]:
+    chosen = data.draw(st.sets(st.sampled_from(sorted(_CONFIG_VALUES)), max_size=6), label=label)
+    return {name: data.draw(st.sampled_from(_CONFIG_VALUES[name]), label=name)
+            for name in sorted(chosen)}
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.data())
+def test_config_repr_eq_hash_replace_and_pickle_are_the_generated_ones(
+        data: st.DataObject) -> None:
+    ref = _generated(FetchConfig)
+    one, two = _config_kwargs(data, "one"), _config_kwargs(data, "two")
+    a, b = FetchConfig(**one), FetchConfig(**two)
+    ra, rb = ref(**one), ref(**two)
+    assert repr(a) == repr(ra) and repr(b) == repr(rb)
+    assert (a == b) == (ra == rb)
+    assert (a == FetchConfig(**one)) and a.__eq__(object()) is NotImplemented
+    for ours, theirs in ((a, ra), (b, rb)):
+        try:
+            expected: object = hash(theirs)
+        except TypeError:  # a dict of headers, as in the generated one
+            expected = TypeError
+        try:
+            got: object = hash(ours)
+        except TypeError:
+            got = TypeError
+        assert got == expected
+    assert repr(dataclasses.replace(a, threads=3)) == repr(dataclasses.replace(ra, threads=3))
+    assert pickle.loads(pickle.dumps(a)) == a
+    assert dataclasses.asdict(a) == dataclasses.asdict(ra)
+    assert FetchConfig.__match_args__ == ref.__match_args__  # type: ignore[attr-defined]
+
+
+def test_config_validates_when_made_and_when_replaced() -> None:
+    with pytest.raises(ConfigError, match="threads"):
+        FetchConfig(threads=0)
+    with pytest.raises(ConfigError, match="on_exists"):
+        dataclasses.replace(FetchConfig(), on_exists="explode")
+    with pytest.raises(ConfigError, match="retries"):
+        FetchConfig().replace(retries=-1)
+    assert FetchConfig().headers is not FetchConfig().headers  # a new dict each time
