@@ -269,6 +269,12 @@ def _leave(code: int) -> NoReturn:
 
 def main() -> None:
     """Console entry point: ``fetcher ...``."""
+    # Started with stdout or stderr closed (``>&-``), Python leaves it None: what would
+    # go there is dropped, as with /dev/null, rather than failing the command.
+    if sys.stdout is None:
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115
+    if sys.stderr is None:
+        sys.stderr = open(os.devnull, "w")  # noqa: SIM115
     try:
         _command(sys.argv[1:])
     except SystemExit as exc:

@@ -137,3 +137,22 @@ def test_the_console_exit_skips_teardown_only_when_nothing_needs_it(
         assert len(list((out / ".fetcher").glob("manifest.jsonl"))) == 1
         lines = (out / ".fetcher" / "manifest.jsonl").read_text().splitlines()
         assert len(lines) == 30
+
+
+def test_the_console_script_runs_with_stdout_or_stderr_closed(server: TestServer,
+                                                              tmp_path: Path) -> None:
+    """``fetcher get ... >&-`` (or ``2>&-``): Python starts with that stream None; what
+    would go there is dropped and the command does its work and exits 0."""
+    import os
+
+    urls = [server.add(f"/z{i}.bin", bytes([i]) * 100) for i in range(5)]
+    lst = _list(tmp_path, urls)
+    for fd in (1, 2):
+        out = tmp_path / f"out{fd}"
+        proc = subprocess.run(
+            [sys.executable, "-m", "fetcher", "get", str(lst), "-o", str(out), "--json"],
+            preexec_fn=lambda fd=fd: os.close(fd), capture_output=False,
+            stdin=subprocess.DEVNULL, timeout=60)
+        assert proc.returncode == 0, fd
+        assert sorted(p.name for p in out.glob("z*.bin")) == [f"z{i}.bin" for i in range(5)]
+        assert len((out / ".fetcher" / "manifest.jsonl").read_text().splitlines()) == 5
