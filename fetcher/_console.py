@@ -1,8 +1,10 @@
 """The console script's first module: it defers what a command never uses, before the
-rest of fetcher (and the standard library modules it imports) is loaded.
+rest of fetcher (and the standard library modules it imports) is loaded, and it leaves
+the process without the interpreter's teardown when nothing needs it
+(``fetcher.entry.leave``).
 
 Only the ``fetcher`` command and ``python -m fetcher`` start here; a library caller's
-process is never touched.
+process, ``fetcher.entry.main`` called from Python included, is never touched.
 """
 
 from __future__ import annotations
@@ -45,8 +47,15 @@ def defer_unneeded() -> None:
 
 
 def main() -> None:
-    """Console entry point: ``fetcher ...`` (see ``fetcher.entry.main``)."""
+    """Console entry point: ``fetcher ...`` (see ``fetcher.entry.main``), leaving
+    through ``fetcher.entry.leave``."""
     defer_unneeded()
+    from .entry import leave
     from .entry import main as command
 
-    command()
+    try:
+        command()
+    except SystemExit as exc:
+        if exc.code is None or isinstance(exc.code, int):
+            leave(exc.code or 0)
+        raise

@@ -109,7 +109,7 @@ if mode == "thread":
         (marks / "thread").write_text("ran")
     threading.Thread(target=late).start()
 sys.argv = ["fetcher", "get", *sys.argv[3:]]
-from fetcher.entry import main
+from fetcher._console import main  # what the console script runs
 main()
 """
 
@@ -156,3 +156,28 @@ def test_the_console_script_runs_with_stdout_or_stderr_closed(server: TestServer
         assert proc.returncode == 0, fd
         assert sorted(p.name for p in out.glob("z*.bin")) == [f"z{i}.bin" for i in range(5)]
         assert len((out / ".fetcher" / "manifest.jsonl").read_text().splitlines()) == 5
+
+
+def test_only_the_console_script_skips_teardown(server: TestServer, tmp_path: Path) -> None:
+    """``fetcher.entry.main`` called from Python raises SystemExit to its caller, run
+    after run; and ``python -m cProfile -m fetcher`` still gets to write its profile."""
+    lst = _list(tmp_path, [server.add("/p.bin", b"p" * 100)])
+    embed = ("import sys\n"
+             "from fetcher.entry import main\n"
+             "codes, (lst, out) = [], sys.argv[1:]\n"
+             "for n in range(2):\n"
+             "    sys.argv = ['fetcher', 'get', lst, '-o', f'{out}{n}', '-q']\n"
+             "    try:\n        main()\n"
+             "    except SystemExit as exc:\n        codes.append(exc.code)\n"
+             "print('codes', codes)\n")
+    proc = subprocess.run([sys.executable, "-c", embed, str(lst), str(tmp_path / "e")],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "codes [0, 0]"
+    assert (tmp_path / "e0" / "p.bin").exists() and (tmp_path / "e1" / "p.bin").exists()
+    prof = tmp_path / "prof.out"
+    proc = subprocess.run([sys.executable, "-m", "cProfile", "-o", str(prof), "-m", "fetcher",
+                           "get", str(lst), "-o", str(tmp_path / "c"), "-q"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert prof.stat().st_size > 0
