@@ -21,6 +21,26 @@ class _Deferred(types.ModuleType):
 
     _lock = threading.Lock()
 
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        del self.__dict__["__spec__"]  # answered by the property below, without importing
+
+    @property
+    def __spec__(self) -> Any:
+        """Where the module is (found, not loaded): the import system reads it at every
+        ``import`` of the name, and ``importlib.util.find_spec`` returns it."""
+        spec = self.__dict__.get("_spec")
+        if spec is None:
+            import importlib.machinery
+
+            spec = self.__dict__["_spec"] = importlib.machinery.PathFinder.find_spec(
+                self.__name__)
+        return spec
+
+    @__spec__.setter
+    def __spec__(self, spec: Any) -> None:
+        self.__dict__["_spec"] = spec
+
     def __getattr__(self, attr: str) -> Any:
         name = self.__name__
         with _Deferred._lock:

@@ -153,8 +153,12 @@ def test_a_deferred_module_loads_on_first_use() -> None:
     probe = ("import sys\n"
              "from fetcher._console import defer_unneeded\n"
              "defer_unneeded()\n"
-             "import dataclasses, inspect\n"
+             "import dataclasses, inspect, importlib.util\n"
              "assert 'ast' not in sys.modules\n"
+             "for name in ('inspect', 'ipaddress'):\n"  # found, not loaded
+             "    assert importlib.util.find_spec(name).origin.endswith(name + '.py')\n"
+             "assert 'ast' not in sys.modules\n"
+             "assert type(sys.modules['ipaddress']).__name__ == '_Deferred'\n"
              "@dataclasses.dataclass\n"
              "class NoDoc:\n    x: int = 1\n"  # dataclasses calls inspect.signature here
              "assert NoDoc.__doc__ == 'NoDoc(x: int = 1)', NoDoc.__doc__\n"
