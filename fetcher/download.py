@@ -162,8 +162,7 @@ class RunContext:
             path = safe_join(self.dest, rel)
             exists = os.path.lexists(path)
             if os.path.isdir(path.parent):
-                with self._lock:
-                    self._dirs.add(parent)
+                self._checked(parent)
             return path, exists
         path = self.dest / rel
         try:
@@ -182,6 +181,18 @@ class RunContext:
         """
         parent = rel.rpartition("/")[0]
         if parent and parent not in self._dirs:
+            # The first directory below the deepest checked one: when it is missing,
+            # nothing below it exists and no link is on the way. The common case while
+            # a run plans ahead of its first file in a new directory (~17 us a file).
+            known = parent.rpartition("/")[0]
+            while known and known not in self._dirs:
+                known = known.rpartition("/")[0]
+            first = parent[len(known) + 1 if known else 0:].partition("/")[0]
+            try:
+                os.lstat(f"{self.dest_str}/{known}/{first}" if known
+                         else f"{self.dest_str}/{first}")
+            except FileNotFoundError:
+                return False
             return self.target(rel)[1]
         try:
             mode = os.lstat(self.dest_str + "/" + rel).st_mode
@@ -195,10 +206,26 @@ class RunContext:
         """Create (and check, once per run) the directories above ``rel``."""
         parent = rel.rpartition("/")[0]
         if parent and parent not in self._dirs:
+            above = parent.rpartition("/")[0]
+            if not above or above in self._dirs:
+                # One new directory below a checked one: made here, it is no link.
+                try:
+                    os.mkdir(f"{self.dest_str}/{parent}")
+                except FileExistsError:
+                    pass  # made meanwhile, or something else is there: the full check
+                else:
+                    self._checked(parent)
+                    return
             path = safe_join(self.dest, rel)  # re-check: the directory may have appeared
             path.parent.mkdir(parents=True, exist_ok=True)
-            with self._lock:
+            self._checked(parent)
+
+    def _checked(self, parent: str) -> None:
+        """Remember ``parent`` and the directories above it (safe_join checked them all)."""
+        with self._lock:
+            while parent and parent not in self._dirs:
                 self._dirs.add(parent)
+                parent = parent.rpartition("/")[0]
 
     def track(self, resp: Response | None, *, add: bool) -> None:
         if resp is None:

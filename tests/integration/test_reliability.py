@@ -310,3 +310,29 @@ def test_split_resumes_across_runs(server: TestServer, dest: Path) -> None:
     again = fetch([url], dest, split=3, split_min_size=100_000)
     assert again.ok and (dest / "resume.bin").read_bytes() == body
     assert all(h.get("If-Range") for _, h in server.requests("/resume.bin"))
+
+
+def test_on_exists_checks_hold_in_a_tree_not_created_yet(server: TestServer, dest: Path,
+                                                         tmp_path: Path) -> None:
+    """exists() answers at once for a missing top directory (a run planning ahead of
+    its first file there); a link or a file on the way is still found before any
+    request, and a file already there still gets --on-exists."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (dest / "linked").symlink_to(outside)  # outside/deeper does not exist
+    (dest / "old").mkdir()
+    (dest / "old" / "f.txt").write_bytes(b"theirs")
+    (dest / "old" / "link").symlink_to(outside)
+    fresh = [server.add(f"/new/sub/f{i}.txt", b"n") for i in range(40)]
+    fresh += [server.add(f"/old/n{i}/f.txt", b"n") for i in range(40)]  # below a real dir
+    linked = [server.add(p, b"x") for p in ("/linked/deeper/x.txt", "/old/link/deeper/x.txt")]
+    taken = server.add("/old/f.txt", b"ours")
+    report = fetch([*fresh, *linked, taken], dest, threads=4)
+    by_url = {r.url: r for r in report.results}
+    assert all(by_url[u].status == "ok" for u in fresh)
+    assert all(by_url[u].error_type == "UnsafePathError" for u in linked)
+    assert server.requests("/linked/deeper/x.txt") == []
+    assert server.requests("/old/link/deeper/x.txt") == []
+    assert list(outside.iterdir()) == []
+    assert by_url[taken].path == "old/f.1.txt"  # --on-exists rename (the default)
+    assert (dest / "old" / "f.txt").read_bytes() == b"theirs"

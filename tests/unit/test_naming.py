@@ -7,6 +7,7 @@ import re
 import threading
 import tracemalloc
 from pathlib import Path
+from typing import Any
 from urllib.parse import unquote
 
 import pytest
@@ -466,3 +467,43 @@ def test_digest_table_put_new_is_get_then_put(ops: list[tuple[int, int, bool]]) 
             model[key] = value
         assert len(table) == len(model)
     assert all(table.get(k) == v for k, v in model.items())
+
+
+def _context(dest: Path) -> object:
+    from fetcher.config import FetchConfig
+    from fetcher.download import HostGate, RunContext
+
+    cancel = threading.Event()
+    return RunContext(config=FetchConfig(), dest=dest, cancel=cancel,
+                      gate=HostGate(limit=None, rate=None, cancel=cancel))
+
+
+def test_run_directories_are_made_and_checked_once_links_never_followed(
+        tmp_path: Path) -> None:
+    """ensure_parent makes a new directory below a checked one with one mkdir; whatever
+    is already at that name goes through the full check, so a link planted there (after
+    planning, before publishing) or a file is refused and nothing lands outside."""
+    from fetcher.errors import UnsafePathError
+
+    dest, outside = tmp_path / "dest", tmp_path / "outside"
+    dest.mkdir()
+    outside.mkdir()
+    ctx: Any = _context(dest)
+    ctx.ensure_parent("d/a/f.bin")  # neither checked yet: the full check, then both known
+    assert (dest / "d" / "a").is_dir() and {"d", "d/a"} <= ctx._dirs
+    for i in range(3):
+        ctx.ensure_parent(f"d/n{i}/f.bin")  # below the checked "d": one mkdir each
+        assert (dest / "d" / f"n{i}").is_dir() and f"d/n{i}" in ctx._dirs
+    assert not ctx.exists("d/later/f.bin")  # missing below a checked directory
+    (dest / "d" / "link").symlink_to(outside)
+    (dest / "d" / "file").write_bytes(b"x")
+    for planted in ("d/link/f.bin", "d/file/f.bin"):
+        with pytest.raises(UnsafePathError):
+            ctx.ensure_parent(planted)
+        with pytest.raises(UnsafePathError):
+            ctx.exists(planted)
+    assert list(outside.iterdir()) == []
+    (dest / "top").symlink_to(outside)
+    with pytest.raises(UnsafePathError):
+        ctx.ensure_parent("top/f.bin")  # directly below DEST
+    assert list(outside.iterdir()) == []
