@@ -240,9 +240,12 @@ def _fetcher_version() -> str:
     )
 
 
-def fetcher_tool(name: str = "fetcher", *extra: str, threads: bool = True) -> Tool:
+def fetcher_tool(name: str = "fetcher", *extra: str, threads: bool = True,
+                 list_path: Path | None = None) -> Tool:
+    """fetcher on the suite's list (or on ``list_path``: the same URLs, named otherwise)."""
     def build(c: Ctx) -> list[str]:
-        cmd = [*common.fetcher_cmd(), "get", str(c.list_path), "-o", str(c.out)]
+        lst = list_path or c.list_path
+        cmd = [*common.fetcher_cmd(), "get", str(lst), "-o", str(c.out)]
         if threads:
             cmd += ["--threads", str(c.workers)]
         return [*cmd, *extra, "--quiet"]
@@ -708,10 +711,16 @@ def suite_small(ng: common.Nginx, s: Settings) -> dict[str, Any]:
     files = common.make_file_set(ng.root / "small", count, size)
     urls = [f"{ng.base_url}/small/{p.name}" for p in files]
     lst = common.write_lines(s.work / "lists" / "small.txt", urls)
+    # The same URLs, each file in a directory of its own (d/f000123/f000123.bin), as
+    # dataset lists often name them: what a new directory per file costs.
+    per_dir = common.write_lines(
+        s.work / "lists" / "small-dirs.txt",
+        (f"{u} d/{u.rsplit('/', 1)[1].partition('.')[0]}/{u.rsplit('/', 1)[1]}" for u in urls))
     tools = [
         fetcher_tool(),
         # The same run kept in one process: what fanning out costs and gains here.
         fetcher_tool("fetcher 1 process", "--download-processes", "1"),
+        fetcher_tool("fetcher, dir per file", list_path=per_dir),
         curl_parallel_tool(),
         wget2_tool(),
         aria2c_tool(),
