@@ -193,11 +193,15 @@ class RunContext:
                          else f"{self.dest_str}/{first}")
             except FileNotFoundError:
                 return False
+            except NotADirectoryError:
+                return self._recheck(rel)
             return self.target(rel)[1]
         try:
             mode = os.lstat(self.dest_str + "/" + rel).st_mode
         except FileNotFoundError:
             return False
+        except NotADirectoryError:
+            return self._recheck(rel)
         if stat.S_ISLNK(mode):
             safe_join(self.dest, rel)  # raises UnsafePathError
         return True
@@ -209,16 +213,31 @@ class RunContext:
             above = parent.rpartition("/")[0]
             if not above or above in self._dirs:
                 # One new directory below a checked one: made here, it is no link.
+                # Made meanwhile, something else at the name, or the checked directory
+                # above removed or replaced: the full check, which makes what is missing.
                 try:
                     os.mkdir(f"{self.dest_str}/{parent}")
-                except FileExistsError:
-                    pass  # made meanwhile, or something else is there: the full check
+                except (FileExistsError, FileNotFoundError, NotADirectoryError):
+                    pass
                 else:
                     self._checked(parent)
                     return
             path = safe_join(self.dest, rel)  # re-check: the directory may have appeared
             path.parent.mkdir(parents=True, exist_ok=True)
             self._checked(parent)
+
+    def forget(self, rel: str) -> None:
+        """Check the directories above ``rel`` again (one was removed or replaced)."""
+        parent = rel.rpartition("/")[0]
+        with self._lock:
+            while parent:
+                self._dirs.discard(parent)
+                parent = parent.rpartition("/")[0]
+
+    def _recheck(self, rel: str) -> bool:
+        """A file where a checked directory was: the full check (UnsafePathError)."""
+        self.forget(rel)
+        return self.target(rel)[1]
 
     def _checked(self, parent: str) -> None:
         """Remember ``parent`` and the directories above it (safe_join checked them all)."""
@@ -534,7 +553,14 @@ def _publish(ctx: RunContext, part: str, meta: str, rel: str, shown: str,
     final = ctx.dest_str + "/" + rel
     try:
         ctx.ensure_parent(rel)
-        os.replace(part, final)
+        try:
+            os.replace(part, final)
+        except (FileNotFoundError, NotADirectoryError):
+            if not os.path.lexists(part):
+                raise
+            ctx.forget(rel)  # a checked directory was removed or replaced meanwhile
+            ctx.ensure_parent(rel)
+            os.replace(part, final)
     except OSError as exc:
         raise _storage_error(exc, shown) from exc
     if resumable:

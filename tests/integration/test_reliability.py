@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -336,3 +338,36 @@ def test_on_exists_checks_hold_in_a_tree_not_created_yet(server: TestServer, des
     assert list(outside.iterdir()) == []
     assert by_url[taken].path == "old/f.1.txt"  # --on-exists rename (the default)
     assert (dest / "old" / "f.txt").read_bytes() == b"theirs"
+
+
+@pytest.mark.parametrize("then", ["removed", "a file"])
+@pytest.mark.parametrize("second", ["/a/c/y.txt", "/a/y.txt"])
+def test_a_checked_directory_changed_during_the_run(server: TestServer, dest: Path,
+                                                    then: str, second: str) -> None:
+    """A directory the run checked (and its ancestors) is removed, or replaced by a
+    file, between two items: a removed one is made again and the item lands; a file on
+    the way fails that item with UnsafePathError. The run goes on either way."""
+    first = server.add("/a/b/x.txt", b"one")
+    late = server.add(second, b"two")
+    after = server.add("/z.txt", b"z")
+
+    def urls() -> Iterator[str]:
+        yield first
+        deadline = time.monotonic() + 5
+        while not (dest / "a" / "b" / "x.txt").exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        shutil.rmtree(dest / "a")
+        if then == "a file":
+            (dest / "a").write_bytes(b"someone's file")
+        yield late
+        yield after
+
+    report = fetch(urls(), dest, threads=1)
+    by_url = {r.url: r for r in report.results}
+    assert by_url[first].status == "ok" and by_url[after].status == "ok"
+    if then == "removed":
+        assert by_url[late].status == "ok", by_url[late].error
+        assert (dest / second.lstrip("/")).read_bytes() == b"two"
+    else:
+        assert by_url[late].error_type == "UnsafePathError", by_url[late].error
+        assert (dest / "a").read_bytes() == b"someone's file"
