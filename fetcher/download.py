@@ -213,12 +213,11 @@ class RunContext:
             above = parent.rpartition("/")[0]
             if not above or above in self._dirs:
                 # One new directory below a checked one: made here, it is no link.
-                # Made meanwhile, something else at the name, or the checked directory
-                # above removed or replaced: the full check, which makes what is missing.
                 try:
                     os.mkdir(f"{self.dest_str}/{parent}")
                 except (FileExistsError, FileNotFoundError, NotADirectoryError):
-                    pass
+                    pass  # made meanwhile, something else there, or the one above
+                    # removed or replaced: the full check, which makes what is missing
                 else:
                     self._checked(parent)
                     return
