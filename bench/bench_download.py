@@ -665,6 +665,23 @@ def _startup_note() -> str:
             "fetcher's bytecode is precompiled first, as pip install does")
 
 
+def _instructions(cmd: list[str]) -> int | None:
+    """User-space instructions of ``cmd`` under callgrind (repeatable where wall time on a
+    shared machine is not), or None without valgrind."""
+    if not common.ensure_command("valgrind", "valgrind"):
+        return None
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "callgrind.out"
+        done = subprocess.run(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
+                               *cmd], capture_output=True, text=True, timeout=300)
+    for line in done.stderr.splitlines():
+        if "Collected :" in line:
+            return int(line.rsplit(":", 1)[1].strip())
+    return None
+
+
 def suite_startup(ng: common.Nginx, s: Settings) -> dict[str, Any]:
     rounds = s.rounds or (3 if s.quick else 7)
     files = common.make_file_set(ng.root / "one", 1, 10 * KiB)
@@ -689,7 +706,14 @@ def suite_startup(ng: common.Nginx, s: Settings) -> dict[str, Any]:
         "startup", tools, list_path=lst, urls=urls, expected=files, workers=1,
         settings=s, rounds=rounds, timeout=s.timeout or 60, out_root=out_root,
     )  # fmt: skip
-    return finish(
+    counted = {
+        "fetcher get (1 URL)": _instructions(
+            [*common.fetcher_cmd(), "get", str(lst), "-o", str(out_root / "callgrind"),
+             "--quiet"]),
+        "python -c pass": _instructions([common.prepare_fetcher().python, "-c", "pass"]),
+    }
+    counts = ", ".join(f"{name} {n / 1e6:.1f} M" for name, n in counted.items() if n)
+    report = finish(
         "startup",
         results,
         base_name="fetcher get (1 URL)",
@@ -701,8 +725,12 @@ def suite_startup(ng: common.Nginx, s: Settings) -> dict[str, Any]:
         wall_targets=[("fetcher --help", "wall < 0.3 s", 0.3),
                       ("fetcher get (1 URL)", "wall < 0.5 s", 0.5),
                       ("fetcher get (1 URL, terminal)", "wall < 0.5 s", 0.5)],
-        notes=[_startup_note()],
+        notes=[_startup_note(),
+               f"instructions (callgrind, user space; repeatable): {counts}" if counts
+               else "instructions: valgrind not available, not counted"],
     )
+    report["instructions"] = counted
+    return report
 
 
 def suite_small(ng: common.Nginx, s: Settings) -> dict[str, Any]:
@@ -720,7 +748,7 @@ def suite_small(ng: common.Nginx, s: Settings) -> dict[str, Any]:
         fetcher_tool(),
         # The same run kept in one process: what fanning out costs and gains here.
         fetcher_tool("fetcher 1 process", "--download-processes", "1"),
-        fetcher_tool("fetcher, dir per file", list_path=per_dir),
+        fetcher_tool("fetcher dir per file", list_path=per_dir),
         curl_parallel_tool(),
         wget2_tool(),
         aria2c_tool(),
