@@ -74,7 +74,7 @@ class TqdmProgress:
         """Begin a run; the bar is drawn once it has lasted ``delay`` seconds.
 
         Importing tqdm costs ~140 M instructions (it reads its own version through
-        importlib.metadata), nearly a whole one-URL run (~173 M): a run that ends sooner never
+        importlib.metadata), nearly a whole one-URL run (~155 M): a run that ends sooner never
         imports it, and one that lasts draws its bar from a timer thread, counts so far
         included.
         """
