@@ -42,6 +42,7 @@ def get(
     per_host: Annotated[int | None, typer.Option(help="Max connections per host (default: --threads).")] = None,
     rate: Annotated[float | None, typer.Option(help="Max requests per second per host.")] = None,
     split: Annotated[int, typer.Option(help="Segments per large file (Range requests).")] = 1,
+    pipeline: Annotated[int, typer.Option(help="Requests sent ahead on one connection for small files (HTTP/1.1 pipelining; 1: off).")] = 1,
     expect_type: Annotated[str | None, typer.Option(help="Required Content-Type, e.g. 'image/*'.")] = None,
     header: Annotated[list[str] | None, typer.Option("-H", "--header", help="Extra header 'Name: value' (repeatable).")] = None,
     max_redirects: Annotated[int, typer.Option(help="Redirect hops to follow.")] = 10,
@@ -59,7 +60,7 @@ def get(
     run_get(urls=urls, output=output, threads=threads, retries=retries, timeout=timeout,
             manifest=manifest, on_exists=on_exists, force=force,
             content_disposition=content_disposition, per_host=per_host, rate=rate,
-            split=split, expect_type=expect_type, header=header,
+            split=split, pipeline=pipeline, expect_type=expect_type, header=header,
             max_redirects=max_redirects, insecure=insecure, post=post, processes=processes,
             download_processes=download_processes, sink=sink, sink_table=sink_table,
             cluster=cluster, quiet=quiet, as_json=as_json)

@@ -19,6 +19,10 @@ FANOUT_MIN_ITEMS = 256
 """Shortest list that is shared among download processes when ``download_processes`` is
 not set: below it, forking costs more than it saves."""
 
+MAX_PIPELINE = 16
+"""Deepest ``pipeline`` accepted: deeper gains nothing and holds more behind a slow
+response."""
+
 OnExists = Literal["rename", "skip", "overwrite", "error"]
 ON_EXISTS: tuple[str, ...] = ("rename", "skip", "overwrite", "error")
 
@@ -49,6 +53,10 @@ class FetchConfig:
     """Segments per large file (Range requests over several connections)."""
     split_min_size: int = 16 * 1024 * 1024
     """Files smaller than this are never split."""
+    pipeline: int = 1
+    """Requests the small-file loop keeps outstanding on one keep-alive connection
+    (HTTP/1.1 pipelining), up to ``MAX_PIPELINE``; 1 sends the next request only after
+    the last response. See ``multiplex`` for when a connection pipelines."""
     expect_type: str | None = None
     """Required Content-Type pattern, e.g. ``image/*``; a mismatch fails the item."""
     max_redirects: int = 10
@@ -101,6 +109,7 @@ class FetchConfig:
             rate: float | None = None,
             split: int = 1,
             split_min_size: int = 16 * 1024 * 1024,
+            pipeline: int = 1,
             expect_type: str | None = None,
             max_redirects: int = 10,
             headers: Mapping[str, str] = _FACTORY,
@@ -128,6 +137,7 @@ class FetchConfig:
         _set(self, "rate", rate)
         _set(self, "split", split)
         _set(self, "split_min_size", split_min_size)
+        _set(self, "pipeline", pipeline)
         _set(self, "expect_type", expect_type)
         _set(self, "max_redirects", max_redirects)
         _set(self, "headers", {} if headers is _FACTORY else headers)
@@ -164,6 +174,8 @@ class FetchConfig:
             raise bad("rate", "must be a positive number of requests per second")
         if self.split < 1:
             raise bad("split", "must be at least 1")
+        if not 1 <= self.pipeline <= MAX_PIPELINE:
+            raise bad("pipeline", f"must be from 1 to {MAX_PIPELINE}")
         if self.max_redirects < 0:
             raise bad("max_redirects", "must be 0 or more")
         if self.chunk_size < 1024:
@@ -193,7 +205,8 @@ class FetchConfig:
     @property
     def in_flight(self) -> int:
         """Effective bound on submitted-but-unfinished jobs."""
-        return self.window if self.window is not None else 4 * self.threads
+        return self.window if self.window is not None \
+            else max(4, self.pipeline) * self.threads
 
     def replace(self, **changes: Any) -> FetchConfig:
         """A copy with ``changes`` applied (and validated)."""

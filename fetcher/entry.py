@@ -39,6 +39,7 @@ GET_OPTIONS: tuple[tuple[str, tuple[str, ...], str, Any], ...] = (
     ("per_host", ("--per-host",), "int", None),
     ("rate", ("--rate",), "float", None),
     ("split", ("--split",), "int", 1),
+    ("pipeline", ("--pipeline",), "int", 1),
     ("expect_type", ("--expect-type",), "str", None),
     ("header", ("-H", "--header"), "list", None),
     ("max_redirects", ("--max-redirects",), "int", 10),
@@ -206,7 +207,8 @@ def render(report: Report, *, as_json: bool, quiet: bool, what: str = "files") -
 
 def run_get(*, urls: str, output: Path, threads: int, retries: int, timeout: float,
             manifest: Path | None, on_exists: str, force: bool, content_disposition: bool,
-            per_host: int | None, rate: float | None, split: int, expect_type: str | None,
+            per_host: int | None, rate: float | None, split: int, pipeline: int,
+            expect_type: str | None,
             header: list[str] | None, max_redirects: int, insecure: bool,
             post: list[str] | None, processes: int | None, download_processes: int | None,
             sink: str | None, sink_table: str, cluster: str | None, quiet: bool,
@@ -222,7 +224,7 @@ def run_get(*, urls: str, output: Path, threads: int, retries: int, timeout: flo
             threads=threads, retries=retries, timeout=timeout, manifest=manifest,
             on_exists=on_exists,  # type: ignore[arg-type]  # validated by FetchConfig
             force=force, content_disposition=content_disposition, per_host=per_host,
-            rate=rate, split=split, expect_type=expect_type,
+            rate=rate, split=split, pipeline=pipeline, expect_type=expect_type,
             headers=parse_headers(header or []), max_redirects=max_redirects,
             verify=not insecure, keep_results=False, download_processes=download_processes,
         )

@@ -204,17 +204,21 @@ class Prefetched:
     status: int
     headers: Headers
     http11: bool
+    reuse: bool = True
+    """False when responses to requests pipelined behind this one follow it on the
+    connection: it is closed after this body."""
 
     # Written out, and __repr__/__eq__ from plain_methods, not generated: dataclasses
     # compiles generated methods at every import (~3 M instructions);
     # tests/unit/test_models_dataclasses.py holds them to those.
     def __init__(self, conn: Connection, key: Origin, status: int, headers: Headers,
-                 http11: bool) -> None:
+                 http11: bool, reuse: bool = True) -> None:
         self.conn = conn
         self.key = key
         self.status = status
         self.headers = headers
         self.http11 = http11
+        self.reuse = reuse
 
 
 _PLAIN_ORIGINS: dict[str, tuple[Origin, str]] = {}
@@ -423,6 +427,8 @@ class HttpClient:
         except WireError as exc:
             pre.conn.close()
             raise TransportError(f"request failed for {redact(url)}: {exc}", url=url) from exc
+        if not pre.reuse:
+            body.keep_alive = False
         return _WireResponse(self, pre.key, pre.status, pre.headers, body, url)
 
     def _set_inflight(self, sock: socket.socket | None) -> None:

@@ -72,6 +72,9 @@ LOOP_BODY_MAX = RESUME_MIN_BYTES
 """Largest body the loop keeps in memory. Larger ones stream on a thread to a partial
 file with a resume sidecar, so an interrupted transfer of one resumes."""
 _HEAD_RECV = 64 * 1024
+PROBE_WAIT = 2.0
+"""Longest wait for the second answer of a pipelining probe (see ``Multiplexer``)."""
+_QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)  # Linux
 _TICK = 0.1
 """Longest select wait: how soon a cancel or a timeout is noticed."""
 _NO_SOCKET: Any = None
@@ -105,8 +108,8 @@ class _Item:
 
 class _Conn:
     __slots__ = ("addrs", "body", "buf", "deadline", "events", "got", "head", "headers",
-                 "http11", "item", "keep", "key", "need", "requests", "sock", "state",
-                 "status")
+                 "http11", "item", "keep", "key", "need", "out", "pipe", "probe", "queue",
+                 "requests", "sock", "state", "status")
 
     def __init__(self, key: Origin, addrs: list[tuple[Any, ...]]) -> None:
         self.key, self.addrs = key, addrs
@@ -121,6 +124,12 @@ class _Conn:
         self.item: _Item | None = None
         self.head = b""
         self.deadline = 0.0
+        # Pipelining: the items whose requests follow ``item``'s, oldest first; the
+        # bytes of those requests not sent yet; whether it takes more now.
+        self.queue: collections.deque[_Item] = collections.deque()
+        self.out = b""
+        self.pipe = False
+        self.probe = 0  # 1: probing, 2: the pipelined request's answer is due
 
 
 class Multiplexer:
@@ -161,6 +170,24 @@ class Multiplexer:
             collections.deque()
         self._ended_lock = threading.Lock()
         self._ended = False
+        self._depth = self.cfg.pipeline
+        # One entry per free pipeline slot on a connection, by origin (stale entries are
+        # dropped when met); items taken from the source that found no connection and
+        # no slot yet, or whose connection closed under them, oldest first; origins
+        # whose connections broke with requests queued: they pipeline no more.
+        self._room: dict[Origin, collections.deque[_Conn]] = {}
+        self._held: collections.deque[_Item] = collections.deque()
+        self._unsent: list[_Conn] = []
+        # Pipelining starts on an origin once a probe passed: two requests in one write,
+        # both answered. A server that reads one request and drops what came with it
+        # would otherwise answer later requests in place of the dropped ones.
+        self._probing: set[Origin] = set()
+        self._pipe_ok: set[Origin] = set()
+        # Origins that answered 429/503 while requests were pipelined: nothing more is
+        # sent to them until a thread has read the answer's Retry-After (then held items
+        # go to threads, which wait) or for a second at most.
+        self._cool: dict[Origin, float] = {}
+        self._no_pipe: set[Origin] = set()
 
     # -- public ----------------------------------------------------------------------
     def wake(self) -> None:
@@ -238,7 +265,17 @@ class Multiplexer:
         next_sweep = time.monotonic() + _TICK
         try:
             while True:
-                while not exhausted and len(self._active) < self._capacity():
+                while self._held and not cancel.is_set():
+                    held = self._held[0]
+                    if ctx.gate.paused(held.job.url):  # a thread waits out the pause
+                        self._held.popleft()
+                        self._handoff(held.job, held.rel, None)
+                    elif self._start(held):
+                        self._held.popleft()
+                    else:
+                        break
+                while not exhausted and not self._held and (
+                        len(self._active) < self._capacity() or self._has_room()):
                     if cancel.is_set() or stop_new.is_set():
                         exhausted = True
                         break
@@ -251,9 +288,11 @@ class Multiplexer:
                     if item is WAIT:
                         break
                     self._begin(*item)
+                if self._unsent:
+                    self._write_round()
                 if cancel.is_set():
                     break
-                if exhausted and not self._active:
+                if exhausted and not self._active and not self._held:
                     return
                 feed = self._feed
                 for key, mask in sel.select(_TICK):
@@ -290,27 +329,112 @@ class Multiplexer:
             self._handoff(job, rel, None)  # resume or wait: thread work
             return
         item = _Item(job, rel, self.ctx.partial_str + "/" + name)
+        if not self._start(item):
+            self._held.append(item)
+
+    def _start(self, item: _Item) -> bool:
+        """Send ``item``'s request: on an idle connection, a new one while there is
+        capacity, or pipelined behind another on a connection with room. False if none
+        can take it now (the caller holds it)."""
         if self._returned:
             self._take_back()
+        job = item.job
         try:
-            key, head = self._heads.prepare(url)
+            key, head = self._heads.prepare(job.url)
+            if self._cool and key in self._cool:
+                if time.monotonic() < self._cool[key]:
+                    return False
+                del self._cool[key]
             conns = self._idle.get(key)
             if conns:
                 conn = conns.pop()
                 self._n_idle -= 1
-            else:
+            elif len(self._active) < self._capacity():
                 addrs = self._resolver.addresses(key[1], key[2])
                 if addrs is None:  # being looked up, or the lookup failed: a thread waits
-                    self._handoff(job, rel, None)
-                    return
+                    self._handoff(job, item.rel, None)
+                    return True
                 conn = self._open(key, addrs, item)
+            else:
+                room = self._room.get(key)
+                if not room or not self._has_room(room):
+                    return False
+                conn = room.popleft()
+                conn.queue.append(item)
+                self._pipeline(conn, head)
+                return True
         except ItemError as exc:
-            self._handoff(job, rel, exc)
-            return
+            self._handoff(job, item.rel, exc)
+            return True
         conn.item, conn.head = item, head
         self._active.add(conn)
         if conn.state == _IDLE:
+            # It has served a keep-alive response: requests may follow this one on it.
+            if self._depth > 1 and key not in self._no_pipe:
+                if key in self._pipe_ok:
+                    conn.pipe = True
+                    self._room.setdefault(key, collections.deque()).extend(
+                        [conn] * (self._depth - 1))
+                elif key not in self._probing:
+                    self._probing.add(key)
+                    conn.pipe, conn.probe = True, 1
+                    self._room.setdefault(key, collections.deque()).append(conn)
             self._send(conn)
+        return True
+
+    def _has_room(self, room: collections.deque[_Conn] | None = None) -> bool:
+        """Whether a connection (of ``room``'s origin, or any) takes a pipelined request
+        now; stale entries in front are dropped."""
+        for slots in (room,) if room is not None else self._room.values():
+            while slots:
+                conn = slots[0]
+                if conn.pipe and len(conn.queue) < (1 if conn.probe else self._depth - 1) \
+                        and conn.key not in self._no_pipe \
+                        and (not conn.probe or conn.state == _SENDING):
+                    return True
+                slots.popleft()
+        return False
+
+    def _pipeline(self, conn: _Conn, head: bytes) -> None:
+        """Send ``head`` behind the requests already on ``conn``."""
+        conn.requests += 1
+        if conn.state == _SENDING:  # the first request is still going out: after it
+            conn.head += head
+            return
+        if not conn.out:
+            self._unsent.append(conn)
+        conn.out += head
+
+    def _write_round(self) -> None:
+        """Send the requests begun this round, each connection's in one write."""
+        for conn in self._unsent:
+            if conn not in self._active:
+                continue  # failed since
+            if conn.state == _SENDING:
+                self._write(conn)
+            elif conn.out and not conn.events & _WRITE:  # else waiting for room already
+                try:
+                    self._flush(conn)
+                except (OSError, WireError) as exc:  # a broken connection: its next
+                    if not isinstance(exc, _WOULD_BLOCK) and not tls_would_block(exc):
+                        conn.pipe = False  # event tells
+                    self._watch(conn, _READ | _WRITE)
+        self._unsent.clear()
+
+    def _flush(self, conn: _Conn) -> None:
+        conn.out = conn.out[conn.sock.send(conn.out):]
+        self._watch(conn, _READ | _WRITE if conn.out else _READ)
+
+    def _requeue(self, conn: _Conn) -> None:
+        """Items pipelined on ``conn``, which will not answer them, start again."""
+        conn.pipe = False
+        conn.out = b""
+        if conn.probe:  # the probe ended without an answer: another connection tries
+            conn.probe = 0
+            self._probing.discard(conn.key)
+        if conn.queue:
+            self._held.extendleft(reversed(conn.queue))
+            conn.queue.clear()
 
     def _open(self, key: Origin, addrs: list[tuple[Any, ...]], item: _Item) -> _Conn:
         while self._n_idle and len(self._active) + self._n_idle >= self._capacity():
@@ -345,9 +469,17 @@ class Multiplexer:
                              url=item.shown)
 
     def _send(self, conn: _Conn) -> None:
+        """Queue ``conn.head`` for this round's writes (``_write_round``), where requests
+        pipelined behind it join it in one write."""
         conn.state = _SENDING
         conn.requests += 1
         conn.deadline = time.monotonic() + self.cfg.timeout
+        if self._depth == 1:
+            self._write(conn)
+        else:
+            self._unsent.append(conn)
+
+    def _write(self, conn: _Conn) -> None:
         try:
             n = conn.sock.send(conn.head)
         except _WOULD_BLOCK:
@@ -377,6 +509,10 @@ class Multiplexer:
     def _step(self, conn: _Conn, mask: int) -> None:
         state = conn.state
         try:
+            if conn.out and mask & _WRITE:
+                self._flush(conn)
+                if not mask & _READ:
+                    return
             if state == _BODY:
                 self._read_body(conn)
             elif state == _HEAD:
@@ -453,50 +589,69 @@ class Multiplexer:
             conn.buf += data
             data = bytes(conn.buf)
             conn.buf.clear()
-        # A small response arrives whole in one read: head and body are sliced out of
-        # ``data`` (no bytearray, no copies), and only a body still on its way gets a
-        # buffer of its own.
-        pos = 0
+        self._responses(conn, data)
+
+    def _responses(self, conn: _Conn, data: bytes) -> None:
+        """Take the response(s) in ``data``, which starts at a response head: the
+        current item's, then those of requests pipelined behind it.
+
+        A small response arrives whole in one read: head and body are sliced out of
+        ``data`` (no bytearray, no copies), and only a body still on its way gets a
+        buffer of its own.
+        """
+        pos, size = 0, len(data)
         while True:
-            end = data.find(b"\r\n\r\n", pos)
-            if end < 0:
-                if len(data) - pos > MAX_HEAD:
+            while True:
+                end = data.find(b"\r\n\r\n", pos)
+                if end < 0:
+                    if size - pos > MAX_HEAD:
+                        raise WireError("protocol", "response head larger than 64 KiB")
+                    conn.buf += memoryview(data)[pos:]
+                    self._more_tls(conn)
+                    return
+                if end - pos > MAX_HEAD:
                     raise WireError("protocol", "response head larger than 64 KiB")
+                raw = data[pos:end]
+                pos = end + 4
+                code = raw[9:12]
+                if raw[:9] in (b"HTTP/1.1 ", b"HTTP/1.0 ") and code.isdigit() \
+                        and raw[12:13] in (b" ", b"\r", b""):
+                    status = int(code)
+                else:  # anything less plain (HTTP/1.10, no space...): the full parser decides
+                    status = parse_head(raw)[0]
+                if status >= 200 or status == 101:
+                    break  # 1xx interim responses are skipped
+            conn.status = status
+            length, conn.keep = loop_framing(raw, self.cfg, LOOP_BODY_MAX) \
+                if status == 200 else (-1, False)
+            here = size - pos
+            if length < 0:
+                if here:
+                    conn.buf += memoryview(data)[pos:]  # the thread reads the body from here
+                conn.status, conn.headers, conn.http11 = parse_head(raw)
+                self._pass_response(conn)
+                return
+            conn.state = _BODY
+            if here < length:
+                break
+            conn.body = memoryview(data)[pos:pos + length]
+            conn.got = conn.need = length
+            pos += length
+            if pos < size and not conn.queue:
+                # Bytes beyond the body, and no request behind it: not reused.
                 conn.buf += memoryview(data)[pos:]
+                self._complete(conn)
+                return
+            if not self._complete(conn):
+                return
+            if pos == size:  # the next response is still on its way
+                self._ack_now(conn)
                 self._more_tls(conn)
                 return
-            if end - pos > MAX_HEAD:
-                raise WireError("protocol", "response head larger than 64 KiB")
-            raw = data[pos:end]
-            pos = end + 4
-            code = raw[9:12]
-            if raw[:9] in (b"HTTP/1.1 ", b"HTTP/1.0 ") and code.isdigit() \
-                    and raw[12:13] in (b" ", b"\r", b""):
-                status = int(code)
-            else:  # anything less plain (HTTP/1.10, no space...): the full parser decides
-                status = parse_head(raw)[0]
-            if status >= 200 or status == 101:
-                break  # 1xx interim responses are skipped
-        conn.status = status
-        length, conn.keep = loop_framing(raw, self.cfg, LOOP_BODY_MAX) if status == 200 \
-            else (-1, False)
-        here = len(data) - pos
-        if length < 0:
-            if here:
-                conn.buf += memoryview(data)[pos:]  # the thread reads the body from here
-            conn.status, conn.headers, conn.http11 = parse_head(raw)
-            self._pass_response(conn)
-            return
-        conn.state = _BODY
-        if here >= length:
-            conn.body = memoryview(data)[pos:pos + length]
-            if here > length:  # bytes beyond the body: this connection is not reused
-                conn.buf += memoryview(data)[pos + length:]
-            conn.got = conn.need = length
-            self._complete(conn)
-            return
         # One byte of slack: a server that sends more than its Content-Length is caught
         # here, and its connection is not reused with those bytes waiting in it.
+        # (With requests pipelined behind it, what follows is the next response: read
+        # no more than the body.)
         body = conn.body = bytearray(length + 1)
         body[:here] = memoryview(data)[pos:]
         conn.got, conn.need = here, length
@@ -505,7 +660,8 @@ class Multiplexer:
     def _read_body(self, conn: _Conn) -> None:
         body = conn.body
         assert isinstance(body, bytearray)
-        n = conn.sock.recv_into(memoryview(body)[conn.got:], conn.need - conn.got + 1)
+        n = conn.sock.recv_into(memoryview(body)[conn.got:],
+                                conn.need - conn.got + (not conn.queue))
         if not n:
             raise WireError("truncated", f"connection closed with {conn.need - conn.got} "
                                          "bytes of the body missing")
@@ -515,9 +671,21 @@ class Multiplexer:
             if conn.got > conn.need:
                 conn.keep = False  # more than the body: never reuse this connection
             conn.body = memoryview(body)[:conn.need]
-            self._complete(conn)
+            if self._complete(conn):
+                self._ack_now(conn)
+                self._more_tls(conn)
         else:
             self._more_tls(conn)
+
+    @staticmethod
+    def _ack_now(conn: _Conn) -> None:
+        """Answers to pipelined requests are due: acknowledge what came at once. A
+        server that writes each answer as it is ready (Nagle's algorithm on, or nginx's
+        ``tcp_nopush``) holds the next one back until the last is acknowledged, and a
+        delayed ACK would stall it by ~40 ms."""
+        if _QUICKACK is not None:
+            with contextlib.suppress(OSError):
+                conn.sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
 
     def _more_tls(self, conn: _Conn) -> None:
         """Decrypted bytes an SSL socket holds never wake the selector: read them now."""
@@ -526,24 +694,46 @@ class Multiplexer:
             self._step(conn, _READ)
 
     # -- endings ---------------------------------------------------------------------
-    def _complete(self, conn: _Conn) -> None:
+    def _complete(self, conn: _Conn) -> bool:
+        """Publish the body read for ``conn``'s item; True if ``conn`` carries on with
+        the next request pipelined on it."""
         item, body = conn.item, conn.body
         assert item is not None and body is not None
         conn.item = conn.body = None
-        self._active.discard(conn)
-        keep = conn.keep and not conn.buf
-        if keep:
-            conn.state = _IDLE
-            self._idle.setdefault(conn.key, []).append(conn)
-            self._n_idle += 1
+        carry_on = False
+        if conn.queue and conn.keep and not conn.buf:
+            conn.item = conn.queue.popleft()
+            conn.state = _HEAD
+            wait = self.cfg.timeout
+            if conn.probe:  # the pipelined request's answer is due with the first's
+                conn.probe = 2
+                wait = min(wait, PROBE_WAIT)
+            elif conn.pipe:
+                self._room[conn.key].append(conn)
+            conn.deadline = time.monotonic() + wait
+            carry_on = True
         else:
-            self._discard(conn)
+            if conn.probe:  # passed if its second answer came; else try again later
+                if conn.probe == 2 and conn.keep:
+                    self._pipe_ok.add(conn.key)
+                conn.probe = 0
+                self._probing.discard(conn.key)
+            self._active.discard(conn)
+            if conn.keep and not conn.buf and not conn.out:
+                conn.state = _IDLE
+                conn.pipe = False
+                self._idle.setdefault(conn.key, []).append(conn)
+                self._n_idle += 1
+            else:  # closing (Connection: close, say): what was pipelined starts again
+                self._requeue(conn)
+                self._discard(conn)
         job, rel = item.job, item.rel
         digest = hashlib.sha256(body).hexdigest()
         if job.sha256 and digest != job.sha256:
+            self._handed_over(conn, carry_on)
             self._handoff(job, rel, ChecksumError(url=item.shown, expected=job.sha256,
                                                   actual=digest))
-            return
+            return False
         try:
             fd = os.open(item.part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
             try:
@@ -556,18 +746,34 @@ class Multiplexer:
         except OSError as exc:
             with contextlib.suppress(OSError):
                 os.unlink(item.part)
+            self._handed_over(conn, carry_on)
             self._handoff(job, rel, _storage_error(exc, item.shown, item.part))
-            return
+            return False
         except ItemError as exc:
             with contextlib.suppress(OSError):
                 os.unlink(item.part)
+            self._handed_over(conn, carry_on)
             self._handoff(job, rel, exc)
-            return
+            return False
         started = time.monotonic()
         # Positional: keywords to a class call cost a dict per file.
         self._done(Result(item.shown, rel, "ok", len(body), digest, 200, 1,
                           time.monotonic() - item.started), job)
         self._excuse(time.monotonic() - started)
+        return carry_on
+
+    def _handed_over(self, conn: _Conn, carry_on: bool) -> None:
+        """An item ``conn`` carried on from goes to a thread, which takes a connection's
+        share of the capacity: ``conn`` gives its share back (closed, what is queued on
+        it starting again), so the run stays at ``threads`` transfers."""
+        if not carry_on:
+            return
+        self._active.discard(conn)
+        if conn.item is not None:
+            conn.queue.appendleft(conn.item)
+            conn.item = None
+        self._requeue(conn)
+        self._discard(conn)
 
     def _pass_response(self, conn: _Conn) -> None:
         """Hand the open response to a thread (see the module doc)."""
@@ -575,20 +781,27 @@ class Multiplexer:
         assert item is not None and headers is not None
         self._active.discard(conn)
         self._unwatch(conn)
+        # Requests pipelined behind this one: their answers follow its body, so the
+        # thread closes the connection after it and they start again here.
+        reuse = not conn.queue and not conn.out
+        if not reuse and conn.status in (429, 503):
+            self._cool[conn.key] = time.monotonic() + 1.0
+        self._requeue(conn)
         try:
             adopted = Connection.adopt(conn.sock, conn.key[1], conn.buf, conn.requests,
                                        self.cfg.timeout)
         except OSError as exc:
             self._handoff(item.job, item.rel, self._error(item, exc))
             return
-        self._handoff(item.job, item.rel,
-                      Prefetched(adopted, conn.key, conn.status, headers, conn.http11))
+        self._handoff(item.job, item.rel, Prefetched(adopted, conn.key, conn.status,
+                                                     headers, conn.http11, reuse))
 
     def _retry_stale(self, conn: _Conn) -> None:
         """The server closed a reused keep-alive connection before answering: reconnect."""
         item = conn.item
         assert item is not None
         self._active.discard(conn)
+        self._requeue(conn)
         self._discard(conn)
         addrs = conn.addrs or self._resolver.addresses(conn.key[1], conn.key[2])
         if not addrs:
@@ -613,7 +826,12 @@ class Multiplexer:
 
     def _fail(self, conn: _Conn, exc: BaseException) -> None:
         item = conn.item
+        if conn.queue or conn.pipe:
+            # Broken with requests pipelined on it (or about to be): this origin's
+            # connections send one request at a time from now on.
+            self._no_pipe.add(conn.key)
         self._active.discard(conn)
+        self._requeue(conn)
         self._discard(conn)
         if item is not None:
             self._handoff(item.job, item.rel, self._error(item, exc))
@@ -639,6 +857,16 @@ class Multiplexer:
 
     def _sweep(self, now: float) -> None:
         for conn in [c for c in self._active if c.deadline < now]:
+            if conn.probe == 2 and conn.item is not None:
+                # The probe's second answer did not come: no pipelining with this
+                # origin, and the item starts again, not charged an attempt.
+                self._no_pipe.add(conn.key)
+                self._active.discard(conn)
+                conn.queue.append(conn.item)
+                conn.item = None
+                self._requeue(conn)
+                self._discard(conn)
+                continue
             what = "connect" if conn.state in (_CONNECTING, _HANDSHAKE) else "read"
             self._fail(conn, TimeoutError(f"{what} timed out after {self.cfg.timeout:g} s"))
 
@@ -646,12 +874,16 @@ class Multiplexer:
         for conn in list(self._active):
             item = conn.item
             self._active.discard(conn)
-            self._discard(conn)
             if item is not None:
-                result = Result(url=item.shown, path=item.rel, status="failed", attempts=1,
-                                elapsed_s=time.monotonic() - item.started)
-                self._done(result.fail(CancelledError(f"cancelled: {item.shown}",
-                                                      url=item.shown)), item.job)
+                conn.queue.appendleft(item)
+            self._requeue(conn)
+            self._discard(conn)
+        while self._held:
+            item = self._held.popleft()
+            result = Result(url=item.shown, path=item.rel, status="failed", attempts=1,
+                            elapsed_s=time.monotonic() - item.started)
+            self._done(result.fail(CancelledError(f"cancelled: {item.shown}",
+                                                  url=item.shown)), item.job)
 
     # -- connection bookkeeping ------------------------------------------------------
     def _unwatch(self, conn: _Conn) -> None:
@@ -661,6 +893,7 @@ class Multiplexer:
             conn.events = 0
 
     def _discard(self, conn: _Conn) -> None:
+        conn.pipe = False
         if conn.state == _IDLE:
             pool = self._idle.get(conn.key)
             if pool and conn in pool:

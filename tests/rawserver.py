@@ -1,5 +1,6 @@
 """A bare HTTP/1.1 server on 127.0.0.1 for protocol edge cases the tidy one cannot make:
-resets on reused connections, interim 1xx responses, counts of open connections.
+resets on reused connections, interim 1xx responses, counts of open connections,
+pipelined requests (counted; or dropped, as a server that does not support them would).
 
 ``handler(sock, n, path)`` answers the n-th request of a connection (0-based) by writing
 to ``sock`` itself; it returns False to end the connection.
@@ -22,8 +23,11 @@ def ok(body: bytes) -> bytes:
 class RawServer:
     __test__ = False
 
-    def __init__(self, handler: Handler) -> None:
+    def __init__(self, handler: Handler, *, drop_ahead: bool = False) -> None:
         self.handler = handler
+        self.drop_ahead = drop_ahead
+        self.ahead = 0
+        """Requests that had arrived whole before the one ahead of them was answered."""
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         self.lock = threading.Lock()
@@ -68,6 +72,9 @@ class RawServer:
                 path = head.split(b" ")[1].decode()
                 with self.lock:
                     self.paths.append(path)
+                    self.ahead += buf.count(b"\r\n\r\n")
+                if self.drop_ahead:
+                    buf = b""
                 if not self.handler(conn, n, path):
                     return
                 n += 1

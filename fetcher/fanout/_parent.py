@@ -79,7 +79,8 @@ class Fanout:
         connections, window = capacity_of(cfg), cfg.in_flight
         width = min(self.width, connections)
         shares = split_evenly(connections, width)
-        limits = [max(share, min(4 * share, w))
+        ahead = max(4, cfg.pipeline)  # items a connection may have in flight, and more
+        limits = [max(share, min(ahead * share, w))
                   for share, w in zip(shares, split_evenly(window, width), strict=True)]
         self.share = shares.pop(0)  # this process's loop; the rest go to the workers
         limits.pop(0)

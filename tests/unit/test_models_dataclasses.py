@@ -124,7 +124,8 @@ def test_frozenness_is_unchanged(cls: type) -> None:
 _CONFIG_VALUES: dict[str, list[Any]] = {
     "threads": [1, 16], "retries": [0, 9], "timeout": [0.5], "on_exists": list(ON_EXISTS),
     "force": [True], "content_disposition": [True], "per_host": [2], "rate": [1.5],
-    "split": [4], "split_min_size": [1], "expect_type": ["image/*"], "max_redirects": [0],
+    "split": [4], "split_min_size": [1], "pipeline": [4],
+    "expect_type": ["image/*"], "max_redirects": [0],
     "headers": [{"X-A": "1"}, {}], "auth": [("u", "p")], "proxies": [{"http": "http://p:1"}],
     "verify": [False, "/ca.pem"], "cert": ["c.pem", ("c", "k")], "chunk_size": [4096],
     "backoff_base": [0.1], "backoff_max": [1.0], "retry_after_max": [5.0],
