@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common
 from common import GiB, KiB, MiB
 
-SUITES = ("startup", "small", "bigfile", "big4", "split", "urllist")
+SUITES = ("startup", "small", "far", "bigfile", "big4", "split", "urllist")
 
 # A plain thread pool of requests sessions: what a Python user writes first.
 REQUESTS_SCRIPT = """
@@ -749,6 +749,8 @@ def suite_small(ng: common.Nginx, s: Settings) -> dict[str, Any]:
         # The same run kept in one process: what fanning out costs and gains here.
         fetcher_tool("fetcher 1 process", "--download-processes", "1"),
         fetcher_tool("fetcher dir per file", list_path=per_dir),
+        # Opt-in HTTP/1.1 pipelining: what it saves where latency is ~0 (see "far").
+        fetcher_tool("fetcher --pipeline 4", "--pipeline", "4"),
         curl_parallel_tool(),
         wget2_tool(),
         aria2c_tool(),
@@ -780,6 +782,57 @@ def suite_small(ng: common.Nginx, s: Settings) -> dict[str, Any]:
             f"every tool runs {workers} concurrent transfers "
             "(aria2c: -j16 with its default -x1 = one connection per download)",
             "parfive: max_conn=16, max_splits=1 (it still sends HEAD then GET per file)",
+        ],
+    )
+
+
+FAR_DELAY_MS = 10
+
+
+def suite_far(ng: common.Nginx, s: Settings) -> dict[str, Any]:
+    """Small files from a distant server: nginx behind a proxy that delays every byte
+    by FAR_DELAY_MS each way (delay_proxy.py), so each request costs a round trip."""
+    count, size, workers = (300 if s.quick else 1000), 10 * KiB, 16
+    rounds = s.rounds or (2 if s.quick else 3)
+    files = common.make_file_set(ng.root / "small", count, size)
+    with common.DelayProxy(ng.port, FAR_DELAY_MS) as proxy:
+        urls = [f"http://127.0.0.1:{proxy.port}/small/{p.name}" for p in files]
+        lst = common.write_lines(s.work / "lists" / "far.txt", urls)
+        tools = [
+            fetcher_tool("fetcher --pipeline 8", "--pipeline", "8"),
+            fetcher_tool("fetcher --pipeline 4", "--pipeline", "4"),
+            fetcher_tool(),
+            curl_parallel_tool(),
+            wget2_tool(),
+            aria2c_tool(),
+            aria2c_tool("aria2c pipelining", "--enable-http-pipelining=true"),
+        ]
+        params: dict[str, Any] = {"files": count, "size": "10 KiB", "workers": workers,
+                                  "rtt": f"{2 * FAR_DELAY_MS} ms"}
+        out_root = s.out_root(common.files_footprint(count, size), params)
+        results = run_rounds(
+            "far", tools, list_path=lst, urls=urls, expected=files, workers=workers,
+            settings=s, rounds=rounds, timeout=s.timeout or 300, out_root=out_root,
+        )  # fmt: skip
+    floor = count / workers * 2 * FAR_DELAY_MS / 1000
+    return finish(
+        "far",
+        results,
+        base_name="fetcher --pipeline 8",
+        total_bytes=count * size,
+        files=count,
+        params=params,
+        settings=s,
+        rounds=rounds,
+        rate="files/s",
+        ratio_targets=[("fetcher --pipeline 8", name, "median_wall_s", 1.0)
+                       for name in ("curl", "wget2", "aria2c", "aria2c pipelining")],
+        notes=[
+            f"every byte waits {FAR_DELAY_MS} ms each way in bench/delay_proxy.py "
+            f"(round trip {2 * FAR_DELAY_MS} ms); one request per round trip on "
+            f"{workers} connections is {floor:.2f} s at best",
+            "fetcher --pipeline N keeps N requests on each keep-alive connection "
+            "(opt-in; aria2c's equivalent is --enable-http-pipelining)",
         ],
     )
 
@@ -1032,6 +1085,7 @@ def suite_urllist(ng: common.Nginx, s: Settings) -> dict[str, Any]:
 RUNNERS: dict[str, Callable[[common.Nginx, Settings], dict[str, Any]]] = {
     "startup": suite_startup,
     "small": suite_small,
+    "far": suite_far,
     "bigfile": suite_bigfile,
     "big4": suite_big4,
     "split": suite_split,

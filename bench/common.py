@@ -123,6 +123,38 @@ def _die_with_parent() -> Callable[[], None] | None:
     return child
 
 
+class DelayProxy:
+    """bench/delay_proxy.py in front of ``port``: ``delay_ms`` each way (a far server)."""
+
+    def __init__(self, port: int, delay_ms: float) -> None:
+        self.target, self.delay_ms = port, delay_ms
+        self.port = 0
+        self.proc: subprocess.Popen[str] | None = None
+
+    def __enter__(self) -> DelayProxy:
+        self.proc = subprocess.Popen(
+            [sys.executable, str(BENCH_DIR / "delay_proxy.py"), "--to",
+             f"127.0.0.1:{self.target}", "--delay-ms", str(self.delay_ms)],
+            stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line.strip().isdigit():
+            self.__exit__()
+            raise RuntimeError("bench/delay_proxy.py did not start")
+        self.port = int(line)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(5)
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+            self.proc = None
+
+
 @dataclasses.dataclass
 class Nginx:
     """A private nginx on 127.0.0.1, run in the foreground (``daemon off``) as a child.
