@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -47,6 +48,17 @@ def _raw(bodies: dict[str, bytes], **kw: object) -> RawServer:
         return True
 
     return RawServer(handler, **kw)  # type: ignore[arg-type]
+
+
+def _all_ok_first_time(handler: Callable[[socket.socket, int, str], bool],
+                       bodies: dict[str, bytes], dest: Path) -> None:
+    """Every file, whole, and none charged a second attempt (threads=2, pipeline=4)."""
+    with RawServer(handler) as srv:
+        report = fetch([srv.url(p) for p in bodies], dest, threads=2, pipeline=4,
+                       download_processes=1)
+    assert report.ok, [r.error for r in report.failures]
+    _check(dest, bodies, report)
+    assert all(r.attempts == 1 for r in report.results)
 
 
 @pytest.mark.parametrize("tls", [False, True])
@@ -132,12 +144,7 @@ def test_connection_close_mid_pipeline_sends_the_rest_again(dest: Path) -> None:
         sock.sendall(ok(bodies[path]))
         return True
 
-    with RawServer(handler) as srv:
-        report = fetch([srv.url(p) for p in bodies], dest, threads=2, pipeline=4,
-                       download_processes=1)
-    assert report.ok, [r.error for r in report.failures]
-    _check(dest, bodies, report)
-    assert all(r.attempts == 1 for r in report.results)
+    _all_ok_first_time(handler, bodies, dest)
 
 
 def test_server_closing_without_answering_the_pipelined_costs_no_attempt(
@@ -152,12 +159,7 @@ def test_server_closing_without_answering_the_pipelined_costs_no_attempt(
         sock.sendall(ok(bodies[path]))
         return True
 
-    with RawServer(handler) as srv:
-        report = fetch([srv.url(p) for p in bodies], dest, threads=2, pipeline=4,
-                       download_processes=1)
-    assert report.ok, [r.error for r in report.failures]
-    _check(dest, bodies, report)
-    assert all(r.attempts == 1 for r in report.results)
+    _all_ok_first_time(handler, bodies, dest)
 
 
 def test_a_server_that_drops_pipelined_requests_turns_pipelining_off(dest: Path) -> None:
