@@ -751,6 +751,8 @@ def suite_small(ng: common.Nginx, s: Settings) -> dict[str, Any]:
         fetcher_tool("fetcher dir per file", list_path=per_dir),
         # Opt-in HTTP/1.1 pipelining: what it saves where latency is ~0 (see "far").
         fetcher_tool("fetcher --pipeline 4", "--pipeline", "4"),
+        fetcher_tool("fetcher 1 process --pipeline 4", "--download-processes", "1",
+                     "--pipeline", "4"),
         curl_parallel_tool(),
         wget2_tool(),
         aria2c_tool(),
