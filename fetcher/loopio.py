@@ -4,10 +4,12 @@
 - ``loop_framing``: the few response-head fields the loop needs, read from the raw
   head without parsing every header.
 - ``tls_would_block``: an SSL socket's "try again", without importing ssl.
+- ``SigintCancels``: a first Ctrl-C cancels the run instead of raising mid-step.
 """
 
 from __future__ import annotations
 
+import signal
 import socket
 import sys
 import threading
@@ -153,3 +155,32 @@ def _field(low: bytes, name: bytes) -> bytes | None:
         return None
     j = low.find(b"\r\n", start)
     return (low[start:j] if j >= 0 else low[start:]).strip()
+
+
+class SigintCancels:
+    """While active in the main thread under Python's default SIGINT handler, a first
+    Ctrl-C sets ``cancel`` (and calls ``wake``) instead of raising wherever the main
+    thread happens to be; ``hits`` says whether it came. The next one raises."""
+
+    def __init__(self, cancel: threading.Event, wake: Callable[[], None]) -> None:
+        self._cancel, self._wake = cancel, wake
+        self.hits = 0
+        self._handler: Callable[[int, Any], None] | None = None
+
+    def __enter__(self) -> SigintCancels:
+        if threading.current_thread() is threading.main_thread() \
+                and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            self._handler = self._on_sigint
+            signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        self.hits += 1
+        self._cancel.set()
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # the next one raises
+        self._wake()
+
+    def __exit__(self, *exc: object) -> None:
+        if self._handler is not None and signal.getsignal(signal.SIGINT) is self._handler:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+        self._handler = None

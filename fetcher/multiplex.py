@@ -23,6 +23,10 @@ policy in ``download.download_one`` decides and nothing is requested twice:
 Bodies up to ``LOOP_BODY_MAX`` (64 KiB) are held in memory; like ``download.py``,
 which gives bodies that small no resume sidecar, the loop re-fetches them whole after
 a failure, so resume behaves the same on both paths.
+
+What it keeps per item and per connection, and when requests may be pipelined on a
+connection (``--pipeline``), live in ``loopconn``; helpers that hold no loop state in
+``loopio``.
 """
 
 from __future__ import annotations
@@ -34,7 +38,6 @@ import hashlib
 import os
 import select
 import selectors
-import signal
 import socket
 import threading
 import time
@@ -56,13 +59,25 @@ from .errors import (
     TransportError,
     TruncatedError,
 )
-from .http import HttpClient, Origin, Prefetched, redact
-from .loopio import Resolver, loop_framing, tls_would_block
+from .http import HttpClient, Origin, Prefetched
+from .loopconn import (
+    BODY,
+    CONNECTING,
+    HANDSHAKE,
+    HEAD,
+    IDLE,
+    READ,
+    SENDING,
+    WRITE,
+    Conn,
+    Item,
+    Pipelines,
+)
+from .loopio import Resolver, SigintCancels, loop_framing, tls_would_block
 from .models import Job, Result
 from .wire import (
     MAX_HEAD,
     Connection,
-    Headers,
     WireError,
     parse_head,
     tls_context,
@@ -72,16 +87,9 @@ LOOP_BODY_MAX = RESUME_MIN_BYTES
 """Largest body the loop keeps in memory. Larger ones stream on a thread to a partial
 file with a resume sidecar, so an interrupted transfer of one resumes."""
 _HEAD_RECV = 64 * 1024
-PROBE_WAIT = 2.0
-"""Longest wait for the second answer of a pipelining probe (see ``Multiplexer``)."""
 _QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)  # Linux
 _TICK = 0.1
 """Longest select wait: how soon a cancel or a timeout is noticed."""
-_NO_SOCKET: Any = None
-
-# Connection states.
-_CONNECTING, _HANDSHAKE, _SENDING, _HEAD, _BODY, _IDLE = range(6)
-_READ, _WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
 _WOULD_BLOCK = (BlockingIOError, InterruptedError)
 
 Handoff = Callable[[Job, str, Prefetched | ItemError | None], None]
@@ -95,41 +103,6 @@ def loop_eligible(config: FetchConfig) -> bool:
     """Whether a run can use the loop: options it does not implement keep threads."""
     return (not config.proxies and config.rate is None
             and (config.per_host is None or config.per_host >= config.threads))
-
-
-class _Item:
-    __slots__ = ("job", "part", "rel", "shown", "started")
-
-    def __init__(self, job: Job, rel: str, part: str) -> None:
-        self.job, self.rel, self.part = job, rel, part
-        self.shown = job.url if "@" not in job.url else redact(job.url)
-        self.started = time.monotonic()
-
-
-class _Conn:
-    __slots__ = ("addrs", "body", "buf", "deadline", "events", "got", "head", "headers",
-                 "http11", "item", "keep", "key", "need", "out", "pipe", "probe", "queue",
-                 "requests", "sock", "state", "status")
-
-    def __init__(self, key: Origin, addrs: list[tuple[Any, ...]]) -> None:
-        self.key, self.addrs = key, addrs
-        self.sock: socket.socket = _NO_SOCKET
-        self.state = _CONNECTING
-        self.events = 0
-        self.buf = bytearray()
-        self.body: bytearray | memoryview | None = None
-        self.got = self.need = self.requests = self.status = 0
-        self.headers: Headers | None = None
-        self.http11 = self.keep = True
-        self.item: _Item | None = None
-        self.head = b""
-        self.deadline = 0.0
-        # Pipelining: the items whose requests follow ``item``'s, oldest first; the
-        # bytes of those requests not sent yet; whether it takes more now.
-        self.queue: collections.deque[_Item] = collections.deque()
-        self.out = b""
-        self.pipe = False
-        self.probe = 0  # 1: probing, 2: the pipelined request's answer is due
 
 
 class Multiplexer:
@@ -151,18 +124,18 @@ class Multiplexer:
         self._pass = handoff
         self._heads = HttpClient(self.cfg)  # builds request heads; never connects
         self._sel = selectors.DefaultSelector()
-        self._idle: dict[Origin, list[_Conn]] = {}
-        self._active: set[_Conn] = set()
+        self._idle: dict[Origin, list[Conn]] = {}
+        self._active: set[Conn] = set()
         self._n_idle = 0
         self._resolver = Resolver(self.wake)
         self._tls: Any = None
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
-        self._sel.register(self._wake_r, _READ, None)
+        self._sel.register(self._wake_r, READ, None)
         self._feed = feed
         if feed is not None:
-            self._sel.register(feed.fileno(), _READ, feed)
+            self._sel.register(feed.fileno(), READ, feed)
         # One entry per ended hand-off: its slot and its idle connections come back
         # together, so the loop never sees the slot free without the connection (and
         # opens another) nor the connection without the slot (and closes it).
@@ -171,23 +144,12 @@ class Multiplexer:
         self._ended_lock = threading.Lock()
         self._ended = False
         self._depth = self.cfg.pipeline
-        # One entry per free pipeline slot on a connection, by origin (stale entries are
-        # dropped when met); items taken from the source that found no connection and
-        # no slot yet, or whose connection closed under them, oldest first; origins
-        # whose connections broke with requests queued: they pipeline no more.
-        self._room: dict[Origin, collections.deque[_Conn]] = {}
-        self._held: collections.deque[_Item] = collections.deque()
-        self._unsent: list[_Conn] = []
-        # Pipelining starts on an origin once a probe passed: two requests in one write,
-        # both answered. A server that reads one request and drops what came with it
-        # would otherwise answer later requests in place of the dropped ones.
-        self._probing: set[Origin] = set()
-        self._pipe_ok: set[Origin] = set()
-        # Origins that answered 429/503 while requests were pipelined: nothing more is
-        # sent to them until a thread has read the answer's Retry-After (then held items
-        # go to threads, which wait) or for a second at most.
-        self._cool: dict[Origin, float] = {}
-        self._no_pipe: set[Origin] = set()
+        self._pipes = Pipelines(self._depth)
+        # Items taken from the source that found no connection and no pipeline slot
+        # yet, or whose connection closed under them, oldest first; connections with
+        # requests begun this round (``_write_round``).
+        self._held: collections.deque[Item] = collections.deque()
+        self._unsent: list[Conn] = []
 
     # -- public ----------------------------------------------------------------------
     def wake(self) -> None:
@@ -234,14 +196,14 @@ class Multiplexer:
         if unread or len(self._active) + self._n_idle >= self._capacity():
             wired.close()
             return
-        conn = _Conn(key, [])
-        conn.sock, conn.requests, conn.state = wired.sock, wired.requests, _IDLE
+        conn = Conn(key, [])
+        conn.sock, conn.requests, conn.state = wired.sock, wired.requests, IDLE
         try:
             conn.sock.setblocking(False)
         except OSError:
             wired.close()
             return
-        self._watch(conn, _READ)
+        self._watch(conn, READ)
         self._idle.setdefault(key, []).append(conn)
         self._n_idle += 1
 
@@ -275,7 +237,7 @@ class Multiplexer:
                     else:
                         break
                 while not exhausted and not self._held and (
-                        len(self._active) < self._capacity() or self._has_room()):
+                        len(self._active) < self._capacity() or self._pipes.has_room()):
                     if cancel.is_set() or stop_new.is_set():
                         exhausted = True
                         break
@@ -328,11 +290,11 @@ class Multiplexer:
         if name in self.ctx.partials or self.ctx.gate.paused(url):
             self._handoff(job, rel, None)  # resume or wait: thread work
             return
-        item = _Item(job, rel, self.ctx.partial_str + "/" + name)
+        item = Item(job, rel, self.ctx.partial_str + "/" + name)
         if not self._start(item):
             self._held.append(item)
 
-    def _start(self, item: _Item) -> bool:
+    def _start(self, item: Item) -> bool:
         """Send ``item``'s request: on an idle connection, a new one while there is
         capacity, or pipelined behind another on a connection with room. False if none
         can take it now (the caller holds it)."""
@@ -341,10 +303,9 @@ class Multiplexer:
         job = item.job
         try:
             key, head = self._heads.prepare(job.url)
-            if self._cool and key in self._cool:
-                if time.monotonic() < self._cool[key]:
-                    return False
-                del self._cool[key]
+            if self._pipes.cooling and key in self._pipes.cooling \
+                    and not self._pipes.cooled(key):
+                return False
             conns = self._idle.get(key)
             if conns:
                 conn = conns.pop()
@@ -356,10 +317,10 @@ class Multiplexer:
                     return True
                 conn = self._open(key, addrs, item)
             else:
-                room = self._room.get(key)
-                if not room or not self._has_room(room):
+                slot = self._pipes.take(key)
+                if slot is None:
                     return False
-                conn = room.popleft()
+                conn = slot
                 conn.queue.append(item)
                 self._pipeline(conn, head)
                 return True
@@ -368,37 +329,17 @@ class Multiplexer:
             return True
         conn.item, conn.head = item, head
         self._active.add(conn)
-        if conn.state == _IDLE:
+        if conn.state == IDLE:
             # It has served a keep-alive response: requests may follow this one on it.
-            if self._depth > 1 and key not in self._no_pipe:
-                if key in self._pipe_ok:
-                    conn.pipe = True
-                    self._room.setdefault(key, collections.deque()).extend(
-                        [conn] * (self._depth - 1))
-                elif key not in self._probing:
-                    self._probing.add(key)
-                    conn.pipe, conn.probe = True, 1
-                    self._room.setdefault(key, collections.deque()).append(conn)
+            if self._depth > 1:
+                self._pipes.enroll(conn)
             self._send(conn)
         return True
 
-    def _has_room(self, room: collections.deque[_Conn] | None = None) -> bool:
-        """Whether a connection (of ``room``'s origin, or any) takes a pipelined request
-        now; stale entries in front are dropped."""
-        for slots in (room,) if room is not None else self._room.values():
-            while slots:
-                conn = slots[0]
-                if conn.pipe and len(conn.queue) < (1 if conn.probe else self._depth - 1) \
-                        and conn.key not in self._no_pipe \
-                        and (not conn.probe or conn.state == _SENDING):
-                    return True
-                slots.popleft()
-        return False
-
-    def _pipeline(self, conn: _Conn, head: bytes) -> None:
+    def _pipeline(self, conn: Conn, head: bytes) -> None:
         """Send ``head`` behind the requests already on ``conn``."""
         conn.requests += 1
-        if conn.state == _SENDING:  # the first request is still going out: after it
+        if conn.state == SENDING:  # the first request is still going out: after it
             conn.head += head
             return
         if not conn.out:
@@ -410,40 +351,36 @@ class Multiplexer:
         for conn in self._unsent:
             if conn not in self._active:
                 continue  # failed since
-            if conn.state == _SENDING:
+            if conn.state == SENDING:
                 self._write(conn)
-            elif conn.out and not conn.events & _WRITE:  # else waiting for room already
+            elif conn.out and not conn.events & WRITE:  # else waiting for room already
                 try:
                     self._flush(conn)
                 except (OSError, WireError) as exc:  # a broken connection: its next
                     if not isinstance(exc, _WOULD_BLOCK) and not tls_would_block(exc):
                         conn.pipe = False  # event tells
-                    self._watch(conn, _READ | _WRITE)
+                    self._watch(conn, READ | WRITE)
         self._unsent.clear()
 
-    def _flush(self, conn: _Conn) -> None:
+    def _flush(self, conn: Conn) -> None:
         conn.out = conn.out[conn.sock.send(conn.out):]
-        self._watch(conn, _READ | _WRITE if conn.out else _READ)
+        self._watch(conn, READ | WRITE if conn.out else READ)
 
-    def _requeue(self, conn: _Conn) -> None:
+    def _requeue(self, conn: Conn) -> None:
         """Items pipelined on ``conn``, which will not answer them, start again."""
-        conn.pipe = False
-        conn.out = b""
-        if conn.probe:  # the probe ended without an answer: another connection tries
-            conn.probe = 0
-            self._probing.discard(conn.key)
+        self._pipes.reset(conn)
         if conn.queue:
             self._held.extendleft(reversed(conn.queue))
             conn.queue.clear()
 
-    def _open(self, key: Origin, addrs: list[tuple[Any, ...]], item: _Item) -> _Conn:
+    def _open(self, key: Origin, addrs: list[tuple[Any, ...]], item: Item) -> Conn:
         while self._n_idle and len(self._active) + self._n_idle >= self._capacity():
             self._drop_idle()  # another origin's spare connection makes room
-        conn = _Conn(key, list(addrs))
+        conn = Conn(key, list(addrs))
         self._connect(conn, item)
         return conn
 
-    def _connect(self, conn: _Conn, item: _Item) -> None:
+    def _connect(self, conn: Conn, item: Item) -> None:
         """Start connecting to the first address that does not fail at once."""
         last = ""
         while conn.addrs:
@@ -458,9 +395,9 @@ class Multiplexer:
             err = sock.connect_ex(address)
             if err in (0, errno.EINPROGRESS, errno.EALREADY, errno.EWOULDBLOCK):
                 conn.sock = sock
-                conn.state = _CONNECTING
+                conn.state = CONNECTING
                 conn.deadline = time.monotonic() + self.cfg.timeout
-                self._watch(conn, _WRITE)
+                self._watch(conn, WRITE)
                 return
             sock.close()
             last = os.strerror(err)
@@ -468,10 +405,10 @@ class Multiplexer:
         raise TransportError(f"request failed for {item.shown}: connect: {last}",
                              url=item.shown)
 
-    def _send(self, conn: _Conn) -> None:
+    def _send(self, conn: Conn) -> None:
         """Queue ``conn.head`` for this round's writes (``_write_round``), where requests
         pipelined behind it join it in one write."""
-        conn.state = _SENDING
+        conn.state = SENDING
         conn.requests += 1
         conn.deadline = time.monotonic() + self.cfg.timeout
         if self._depth == 1:
@@ -479,7 +416,7 @@ class Multiplexer:
         else:
             self._unsent.append(conn)
 
-    def _write(self, conn: _Conn) -> None:
+    def _write(self, conn: Conn) -> None:
         try:
             n = conn.sock.send(conn.head)
         except _WOULD_BLOCK:
@@ -491,13 +428,13 @@ class Multiplexer:
             n = 0
         conn.head = conn.head[n:]
         if conn.head:
-            self._watch(conn, _WRITE)
+            self._watch(conn, WRITE)
             return
-        conn.state = _HEAD
-        self._watch(conn, _READ)
+        conn.state = HEAD
+        self._watch(conn, READ)
 
     # -- events ----------------------------------------------------------------------
-    def _watch(self, conn: _Conn, events: int) -> None:
+    def _watch(self, conn: Conn, events: int) -> None:
         if conn.events == events:
             return
         if conn.events:
@@ -506,22 +443,22 @@ class Multiplexer:
             self._sel.register(conn.sock, events, conn)
         conn.events = events
 
-    def _step(self, conn: _Conn, mask: int) -> None:
+    def _step(self, conn: Conn, mask: int) -> None:
         state = conn.state
         try:
-            if conn.out and mask & _WRITE:
+            if conn.out and mask & WRITE:
                 self._flush(conn)
-                if not mask & _READ:
+                if not mask & READ:
                     return
-            if state == _BODY:
+            if state == BODY:
                 self._read_body(conn)
-            elif state == _HEAD:
+            elif state == HEAD:
                 self._read_head(conn)
-            elif state == _SENDING:
+            elif state == SENDING:
                 self._send_rest(conn)
-            elif state == _CONNECTING:
+            elif state == CONNECTING:
                 self._connected(conn)
-            elif state == _HANDSHAKE:
+            elif state == HANDSHAKE:
                 self._handshake(conn)
             else:  # an idle connection became readable: the server closed it
                 self._discard(conn)
@@ -531,7 +468,7 @@ class Multiplexer:
             if not tls_would_block(exc):
                 self._broken(conn, exc)
 
-    def _connected(self, conn: _Conn) -> None:
+    def _connected(self, conn: Conn) -> None:
         err = conn.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err:
             conn.addrs.pop(0)
@@ -550,12 +487,12 @@ class Multiplexer:
             self._unwatch(conn)  # the SSL socket replaces the plain one in the selector
             conn.sock = self._tls.wrap_socket(conn.sock, server_hostname=conn.key[1],
                                               do_handshake_on_connect=False)
-            conn.state = _HANDSHAKE
+            conn.state = HANDSHAKE
             self._handshake(conn)
             return
         self._send(conn)
 
-    def _handshake(self, conn: _Conn) -> None:
+    def _handshake(self, conn: Conn) -> None:
         import ssl  # imported already: tls_context made the socket
 
         sock = conn.sock
@@ -563,21 +500,21 @@ class Multiplexer:
         try:
             sock.do_handshake()
         except ssl.SSLWantReadError:
-            self._watch(conn, _READ)
+            self._watch(conn, READ)
             return
         except ssl.SSLWantWriteError:
-            self._watch(conn, _WRITE)
+            self._watch(conn, WRITE)
             return
         self._send(conn)
 
-    def _send_rest(self, conn: _Conn) -> None:
+    def _send_rest(self, conn: Conn) -> None:
         n = conn.sock.send(conn.head)
         conn.head = conn.head[n:]
         if not conn.head:
-            conn.state = _HEAD
-            self._watch(conn, _READ)
+            conn.state = HEAD
+            self._watch(conn, READ)
 
-    def _read_head(self, conn: _Conn) -> None:
+    def _read_head(self, conn: Conn) -> None:
         data = conn.sock.recv(_HEAD_RECV)
         if not data:
             if conn.requests > 1 and not conn.buf and conn.item is not None:
@@ -591,7 +528,7 @@ class Multiplexer:
             conn.buf.clear()
         self._responses(conn, data)
 
-    def _responses(self, conn: _Conn, data: bytes) -> None:
+    def _responses(self, conn: Conn, data: bytes) -> None:
         """Take the response(s) in ``data``, which starts at a response head: the
         current item's, then those of requests pipelined behind it.
 
@@ -631,7 +568,7 @@ class Multiplexer:
                 conn.status, conn.headers, conn.http11 = parse_head(raw)
                 self._pass_response(conn)
                 return
-            conn.state = _BODY
+            conn.state = BODY
             if here < length:
                 break
             conn.body = memoryview(data)[pos:pos + length]
@@ -657,7 +594,7 @@ class Multiplexer:
         conn.got, conn.need = here, length
         self._more_tls(conn)
 
-    def _read_body(self, conn: _Conn) -> None:
+    def _read_body(self, conn: Conn) -> None:
         body = conn.body
         assert isinstance(body, bytearray)
         n = conn.sock.recv_into(memoryview(body)[conn.got:],
@@ -678,7 +615,7 @@ class Multiplexer:
             self._more_tls(conn)
 
     @staticmethod
-    def _ack_now(conn: _Conn) -> None:
+    def _ack_now(conn: Conn) -> None:
         """Answers to pipelined requests are due: acknowledge what came at once. A
         server that writes each answer as it is ready (Nagle's algorithm on, or nginx's
         ``tcp_nopush``) holds the next one back until the last is acknowledged, and a
@@ -687,14 +624,14 @@ class Multiplexer:
             with contextlib.suppress(OSError):
                 conn.sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
 
-    def _more_tls(self, conn: _Conn) -> None:
+    def _more_tls(self, conn: Conn) -> None:
         """Decrypted bytes an SSL socket holds never wake the selector: read them now."""
         sock = conn.sock
         if conn.key[0] == "https" and sock.pending():  # type: ignore[attr-defined]
-            self._step(conn, _READ)
+            self._step(conn, READ)
 
     # -- endings ---------------------------------------------------------------------
-    def _complete(self, conn: _Conn) -> bool:
+    def _complete(self, conn: Conn) -> bool:
         """Publish the body read for ``conn``'s item; True if ``conn`` carries on with
         the next request pipelined on it."""
         item, body = conn.item, conn.body
@@ -703,24 +640,15 @@ class Multiplexer:
         carry_on = False
         if conn.queue and conn.keep and not conn.buf:
             conn.item = conn.queue.popleft()
-            conn.state = _HEAD
-            wait = self.cfg.timeout
-            if conn.probe:  # the pipelined request's answer is due with the first's
-                conn.probe = 2
-                wait = min(wait, PROBE_WAIT)
-            elif conn.pipe:
-                self._room[conn.key].append(conn)
-            conn.deadline = time.monotonic() + wait
+            conn.state = HEAD
+            conn.deadline = time.monotonic() + self._pipes.carry_on(conn, self.cfg.timeout)
             carry_on = True
         else:
-            if conn.probe:  # passed if its second answer came; else try again later
-                if conn.probe == 2 and conn.keep:
-                    self._pipe_ok.add(conn.key)
-                conn.probe = 0
-                self._probing.discard(conn.key)
+            if conn.probe:
+                self._pipes.ended(conn)
             self._active.discard(conn)
             if conn.keep and not conn.buf and not conn.out:
-                conn.state = _IDLE
+                conn.state = IDLE
                 conn.pipe = False
                 self._idle.setdefault(conn.key, []).append(conn)
                 self._n_idle += 1
@@ -762,7 +690,7 @@ class Multiplexer:
         self._excuse(time.monotonic() - started)
         return carry_on
 
-    def _handed_over(self, conn: _Conn, carry_on: bool) -> None:
+    def _handed_over(self, conn: Conn, carry_on: bool) -> None:
         """An item ``conn`` carried on from goes to a thread, which takes a connection's
         share of the capacity: ``conn`` gives its share back (closed, what is queued on
         it starting again), so the run stays at ``threads`` transfers."""
@@ -775,7 +703,7 @@ class Multiplexer:
         self._requeue(conn)
         self._discard(conn)
 
-    def _pass_response(self, conn: _Conn) -> None:
+    def _pass_response(self, conn: Conn) -> None:
         """Hand the open response to a thread (see the module doc)."""
         item, headers = conn.item, conn.headers
         assert item is not None and headers is not None
@@ -785,7 +713,7 @@ class Multiplexer:
         # thread closes the connection after it and they start again here.
         reuse = not conn.queue and not conn.out
         if not reuse and conn.status in (429, 503):
-            self._cool[conn.key] = time.monotonic() + 1.0
+            self._pipes.cool(conn.key)
         self._requeue(conn)
         try:
             adopted = Connection.adopt(conn.sock, conn.key[1], conn.buf, conn.requests,
@@ -796,7 +724,7 @@ class Multiplexer:
         self._handoff(item.job, item.rel, Prefetched(adopted, conn.key, conn.status,
                                                      headers, conn.http11, reuse))
 
-    def _retry_stale(self, conn: _Conn) -> None:
+    def _retry_stale(self, conn: Conn) -> None:
         """The server closed a reused keep-alive connection before answering: reconnect."""
         item = conn.item
         assert item is not None
@@ -815,28 +743,28 @@ class Multiplexer:
         fresh.item, fresh.head = item, self._heads.prepare(item.job.url)[1]
         self._active.add(fresh)
 
-    def _broken(self, conn: _Conn, exc: BaseException) -> None:
+    def _broken(self, conn: Conn, exc: BaseException) -> None:
         """A failed step: a reused connection the server had already closed (EOF,
         reset, broken pipe before any byte of the answer) is retried on a new one."""
         if isinstance(exc, (ConnectionResetError, BrokenPipeError)) and conn.requests > 1 \
-                and conn.state in (_SENDING, _HEAD) and not conn.buf and conn.item is not None:
+                and conn.state in (SENDING, HEAD) and not conn.buf and conn.item is not None:
             self._retry_stale(conn)
             return
         self._fail(conn, exc)
 
-    def _fail(self, conn: _Conn, exc: BaseException) -> None:
+    def _fail(self, conn: Conn, exc: BaseException) -> None:
         item = conn.item
         if conn.queue or conn.pipe:
             # Broken with requests pipelined on it (or about to be): this origin's
             # connections send one request at a time from now on.
-            self._no_pipe.add(conn.key)
+            self._pipes.refuse(conn.key)
         self._active.discard(conn)
         self._requeue(conn)
         self._discard(conn)
         if item is not None:
             self._handoff(item.job, item.rel, self._error(item, exc))
 
-    def _error(self, item: _Item, exc: BaseException) -> ItemError:
+    def _error(self, item: Item, exc: BaseException) -> ItemError:
         if isinstance(exc, ItemError):
             return exc
         if isinstance(exc, WireError) and exc.kind == "truncated":
@@ -860,14 +788,14 @@ class Multiplexer:
             if conn.probe == 2 and conn.item is not None:
                 # The probe's second answer did not come: no pipelining with this
                 # origin, and the item starts again, not charged an attempt.
-                self._no_pipe.add(conn.key)
+                self._pipes.refuse(conn.key)
                 self._active.discard(conn)
                 conn.queue.append(conn.item)
                 conn.item = None
                 self._requeue(conn)
                 self._discard(conn)
                 continue
-            what = "connect" if conn.state in (_CONNECTING, _HANDSHAKE) else "read"
+            what = "connect" if conn.state in (CONNECTING, HANDSHAKE) else "read"
             self._fail(conn, TimeoutError(f"{what} timed out after {self.cfg.timeout:g} s"))
 
     def _cancel_active(self) -> None:
@@ -886,15 +814,15 @@ class Multiplexer:
                                                   url=item.shown)), item.job)
 
     # -- connection bookkeeping ------------------------------------------------------
-    def _unwatch(self, conn: _Conn) -> None:
+    def _unwatch(self, conn: Conn) -> None:
         if conn.events:
             with contextlib.suppress(KeyError, ValueError, OSError):
                 self._sel.unregister(conn.sock)
             conn.events = 0
 
-    def _discard(self, conn: _Conn) -> None:
+    def _discard(self, conn: Conn) -> None:
         conn.pipe = False
-        if conn.state == _IDLE:
+        if conn.state == IDLE:
             pool = self._idle.get(conn.key)
             if pool and conn in pool:
                 pool.remove(conn)
@@ -924,35 +852,6 @@ class Multiplexer:
         self._sel.close()
         self._wake_r.close()
         self._wake_w.close()
-
-
-class SigintCancels:
-    """While active in the main thread under Python's default SIGINT handler, a first
-    Ctrl-C sets ``cancel`` (and calls ``wake``) instead of raising wherever the main
-    thread happens to be; ``hits`` says whether it came. The next one raises."""
-
-    def __init__(self, cancel: threading.Event, wake: Callable[[], None]) -> None:
-        self._cancel, self._wake = cancel, wake
-        self.hits = 0
-        self._handler: Callable[[int, Any], None] | None = None
-
-    def __enter__(self) -> SigintCancels:
-        if threading.current_thread() is threading.main_thread() \
-                and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-            self._handler = self._on_sigint
-            signal.signal(signal.SIGINT, self._handler)
-        return self
-
-    def _on_sigint(self, signum: int, frame: Any) -> None:
-        self.hits += 1
-        self._cancel.set()
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # the next one raises
-        self._wake()
-
-    def __exit__(self, *exc: object) -> None:
-        if self._handler is not None and signal.getsignal(signal.SIGINT) is self._handler:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-        self._handler = None
 
 
 def capacity_of(config: FetchConfig) -> int:

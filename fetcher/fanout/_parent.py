@@ -16,8 +16,9 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import DownloadProcessError
 from ..http import redact
+from ..loopio import SigintCancels
 from ..models import Job, Result
-from ..multiplex import SigintCancels, capacity_of
+from ..multiplex import capacity_of
 from ._link import BUF, QUIT_GRACE, Inbox, frame, portable, read_link, ready, split_evenly
 from ._worker import Worker
 
