@@ -46,16 +46,29 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
 
 
 async def _serve(target: tuple[str, int], delay: float, port: int) -> None:
+    # asyncio holds tasks weakly, and a stream protocol drops its handler's task when
+    # the client's connection is lost: held here, a handler whose client went away
+    # (aria2c closes pipelined connections abruptly) still closes its side to the
+    # server, instead of being collected mid-wait ("Task was destroyed but it is
+    # pending!") with that connection left open.
+    live: set[asyncio.Task[None]] = set()
+
     async def handle(cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
+        me = asyncio.current_task()
+        assert me is not None
+        live.add(me)
         try:
-            sr, sw = await asyncio.open_connection(*target)
-        except OSError:
-            cw.close()
-            return
-        await asyncio.gather(_pipe(cr, sw, delay), _pipe(sr, cw, delay),
-                             return_exceptions=True)
-        for w in (cw, sw):
-            w.close()
+            try:
+                sr, sw = await asyncio.open_connection(*target)
+            except OSError:
+                cw.close()
+                return
+            await asyncio.gather(_pipe(cr, sw, delay), _pipe(sr, cw, delay),
+                                 return_exceptions=True)
+            for w in (cw, sw):
+                w.close()
+        finally:
+            live.discard(me)
 
     server = await asyncio.start_server(handle, "127.0.0.1", port, backlog=1024)
     print(server.sockets[0].getsockname()[1], flush=True)
