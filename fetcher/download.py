@@ -138,10 +138,13 @@ class RunContext:
         self._lock = threading.Lock()
         self._dirs: set[str] = dirs if dirs is not None else set()
         """Directories below DEST checked (no symlink on the way) during this run."""
+        self.trust_fresh = False
+        """Whether ``exists`` may skip the lstat in directories this run made (see
+        there): set by a run in which nothing but its downloads writes into DEST (no
+        --post, whose own functions may write anywhere; no sink, whose shards may)."""
         self._fresh: dict[str, bool] = {}
-        """Directories (``""``: DEST) that held nothing when this run first planned a
-        file into them: every name in them is then this run's, claimed by its name
-        table, so ``exists`` needs no lstat there."""
+        """Directories (``""``: DEST) by ``_classify``: whether they are this run's."""
+        self._dest_cs = False
 
     @property
     def partial_dir(self) -> Path:
@@ -180,19 +183,20 @@ class RunContext:
     def exists(self, rel: str) -> bool:
         """Whether something is at ``rel`` (``target`` without building a Path).
 
-        A directory that held nothing when the run first planned a file into it (missing
-        then, or DEST with only ``.fetcher`` in it) holds only this run's files, whose
-        names its name table keeps apart: no lstat there. Anywhere else one lstat a file,
-        since files of an earlier run or someone else's are there.
+        With ``trust_fresh``, a file name in a directory that is this run's (``_classify``)
+        needs no lstat: every entry there is then one of the run's files, whose names
+        its name table keeps apart, or one of the directories its items need, which are
+        known (and looked up). Anywhere else one lstat a file, since an earlier run's or
+        someone else's files are there.
         """
         parent = rel.rpartition("/")[0]
-        fresh = self._fresh.get(parent)
-        if fresh:
-            return False
-        if fresh is None and not parent:
-            if self._fresh.setdefault("", self._empty_dest()):
+        if self.trust_fresh:
+            fresh = self._fresh.get(parent)
+            if fresh is None:
+                fresh = self._classify(parent)
+            if fresh and rel not in self._fresh and rel not in self._dirs:
                 return False
-        elif parent and parent not in self._dirs:
+        if parent and parent not in self._dirs:
             # The first directory below the deepest checked one: when it is missing,
             # nothing below it exists and no link is on the way. The common case while
             # a run plans ahead of its first file in a new directory.
@@ -204,7 +208,6 @@ class RunContext:
                 os.lstat(f"{self.dest_str}/{known}/{first}" if known
                          else f"{self.dest_str}/{first}")
             except FileNotFoundError:
-                self._fresh[parent] = True
                 return False
             except NotADirectoryError:
                 return self._recheck(rel)
@@ -219,12 +222,47 @@ class RunContext:
             safe_join(self.dest, rel)  # raises UnsafePathError
         return True
 
-    def _empty_dest(self) -> bool:
+    def _classify(self, parent: str) -> bool:
+        """Whether directory ``parent`` (``""``: DEST) is this run's, decided when the
+        run first plans a file into it or below it, before any of its files is there,
+        and remembered for the run: DEST when it holds only ``.fetcher``; a directory
+        in one that is; a directory directly in DEST that is missing then. DEST's file
+        system must tell names apart by case (``A.bin`` and ``a.bin`` are one file
+        elsewhere, though two names to the name table); directories below one that
+        already existed are never the run's (it may be another file system)."""
+        chain = []
+        d = parent
+        while d not in self._fresh:
+            chain.append(d)
+            if not d:
+                break
+            d = d.rpartition("/")[0]
+        if d in self._fresh:
+            fresh = self._fresh[d]
+        else:
+            chain.pop()
+            fresh = self._fresh[""] = self._new_dest()
+        for d in reversed(chain):
+            if not fresh and self._dest_cs and "/" not in d:
+                try:
+                    os.lstat(f"{self.dest_str}/{d}")
+                except FileNotFoundError:
+                    fresh = True
+                except OSError:
+                    pass
+            self._fresh[d] = fresh
+        return fresh
+
+    def _new_dest(self) -> bool:
         """Whether DEST holds nothing but fetcher's own ``.fetcher`` (a manifest or sink
-        the user put in DEST makes it not empty, so files named like them are seen)."""
+        the user put in DEST makes it not empty, so files named like them are seen); also
+        notes whether its file system tells names apart by case."""
         try:
+            cased = RESERVED_DIR.upper()
+            self._dest_cs = os.path.isdir(f"{self.dest_str}/{RESERVED_DIR}") \
+                and not os.path.lexists(f"{self.dest_str}/{cased}")
             with os.scandir(self.dest_str) as entries:
-                return all(e.name == RESERVED_DIR for e in entries)
+                return self._dest_cs and all(e.name == RESERVED_DIR for e in entries)
         except OSError:
             return False
 

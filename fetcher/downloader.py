@@ -199,6 +199,7 @@ class _Run:
             else None
         self.ctx = RunContext(config=cfg, dest=dest, cancel=cancel,
                               gate=HostGate(limit=gate_limit, rate=cfg.rate, cancel=cancel))
+        self.ctx.trust_fresh = not (fetcher.post or fetcher.sink)
         self.names = NameAllocator()
         self.index = CompletedIndex(by_url=cfg.content_disposition)
         self._lock = threading.Lock()

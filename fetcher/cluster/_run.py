@@ -45,22 +45,6 @@ def run_cluster(fetcher: Fetcher, jobs: Iterable[Job], total: int | None, dest: 
                        batch_size=fetcher.cluster_batch).execute(jobs, total)
 
 
-def _dir_is_new(dest: Path, parent: str) -> bool:
-    """Whether ``DEST/parent`` is absent, or empty but for fetcher's own ``.fetcher``.
-
-    Checked when the first item is planned into it, before any of this run's files can
-    land there: every later entry is then this run's own (the names were all claimed
-    here), so no file in it can be foreign to --on-exists and no lstat is needed.
-    """
-    try:
-        with os.scandir(dest / parent if parent else dest) as entries:
-            return all(not parent and e.name == ".fetcher" for e in entries)
-    except FileNotFoundError:
-        return True
-    except OSError:
-        return False
-
-
 class _Batch:
     __slots__ = ("extras", "items", "number")
 
@@ -83,7 +67,8 @@ class _ClusterRun(_Run):
         self.spec = _Spec(self.token, self.cfg, str(dest), self.post)
         self._ready: deque[tuple[_Item, Any]] = deque()  # finished, waiting for --post
         self._journals: list[Path] = []
-        self._fresh: dict[str, bool] = {}  # directory -> held nothing when first planned
+        if self.post:  # run on the workers: their functions may write anywhere in DEST
+            self.ctx.trust_fresh = False
 
     # -- planning (client) ----------------------------------------------------------
     def _open(self, stack: contextlib.ExitStack, total: int | None) -> Any:
@@ -105,12 +90,6 @@ class _ClusterRun(_Run):
     def _item(self, job: Job, rel: str) -> tuple[_Item, Any] | None:
         """Apply --on-exists here, so every attempt of a batch writes the same name."""
         shown = redact(job.url)
-        parent = rel.rpartition("/")[0]
-        fresh = self._fresh.get(parent)
-        if fresh is None:
-            fresh = self._fresh[parent] = _dir_is_new(self.dest, parent)
-        elif fresh:  # nothing foreign can be there: no lstat (the first item checked it)
-            return (job.url, rel, job.sha256, False, None), job.extra
         owned = self.index.size(shown, rel) is not None
         try:
             rel = self._resolve_existing(rel, owned=owned)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from fetcher import FetchConfig, Job, fetch
+from fetcher import FetchConfig, fetch
 from fetcher.multiplex import LOOP_BODY_MAX, loop_eligible
 from tests.httpserver import TestServer
 from tests.rawserver import RawServer, ok
@@ -358,27 +358,3 @@ def test_a_manifest_inside_an_empty_dest_is_never_replaced(server: TestServer,
     record = json.loads((dest / "log.jsonl").read_text().splitlines()[-1])
     assert record["path"] == "log.1.jsonl"
 
-
-@pytest.mark.parametrize("processes", [1, 2])
-def test_only_directories_that_held_nothing_skip_the_lstat(server: TestServer, dest: Path,
-                                                           processes: int) -> None:
-    """A directory missing when the run first plans into it (``a/new``) is the run's
-    own; one that already exists (``a/old``, DEST itself) keeps --on-exists for every
-    file, however many of the run's files went there before the foreign one's name."""
-    (dest / "a" / "old").mkdir(parents=True)
-    (dest / "a" / "old" / "f9.bin").write_bytes(b"foreign old")
-    (dest / "top9.bin").write_bytes(b"foreign top")
-    jobs = []
-    for d in ("a/new", "a/old", ""):
-        for i in range(10):
-            name = f"{d}/f{i}.bin" if d else f"top{i}.bin"
-            jobs.append(Job(server.add(f"/{name}", name.encode()), path=name))
-    report = fetch(jobs, dest, download_processes=processes, threads=4)
-    assert report.ok, report.failures
-    assert (dest / "a/old/f9.bin").read_bytes() == b"foreign old"
-    assert (dest / "a/old/f9.1.bin").read_bytes() == b"a/old/f9.bin"
-    assert (dest / "top9.bin").read_bytes() == b"foreign top"
-    assert (dest / "top9.1.bin").read_bytes() == b"top9.bin"
-    for i in range(10):
-        assert (dest / f"a/new/f{i}.bin").read_bytes() == f"a/new/f{i}.bin".encode()
-    assert not list((dest / "a/new").glob("*.1.bin"))

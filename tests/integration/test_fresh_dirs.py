@@ -1,0 +1,108 @@
+"""``--on-exists`` where a run plans without an lstat: directories that are the run's
+own (``RunContext.exists``, ``_classify``). Every entry there must be one the run knows:
+its files (named apart by the name table) or the directories its items need. Three of
+these cases were found in review: a file named like a directory the run made, a --post
+function's output beside its input, and names equal but for case."""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fetcher import Job, fetch
+from tests.httpserver import TestServer
+
+
+def _jobs(server: TestServer, names: list[str], sub: str = "") -> list[Job]:
+    return [Job(server.add(f"/{sub}{n}", f"{sub}{n}".encode()), path=f"{sub}{n}")
+            for n in names]
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_only_directories_the_run_made_skip_the_lstat(server: TestServer, dest: Path,
+                                                      processes: int) -> None:
+    """``a`` and ``a/old`` already exist, and DEST holds a file: there every file keeps
+    --on-exists, however many of the run's files went there before the foreign one's
+    name; ``b/new`` (``b`` missing when first planned into) is the run's."""
+    foreign = {"a/old/f9.bin": b"foreign old", "a/f9.bin": b"foreign a",
+               "top9.bin": b"foreign top"}
+    (dest / "a" / "old").mkdir(parents=True)
+    for name, body in foreign.items():
+        (dest / name).write_bytes(body)
+    jobs = []
+    for d in ("b/new", "a/old", "a", ""):
+        for i in range(10):
+            name = f"{d}/f{i}.bin" if d else f"top{i}.bin"
+            jobs.append(Job(server.add(f"/{name}", name.encode()), path=name))
+    report = fetch(jobs, dest, download_processes=processes, threads=4)
+    assert report.ok, report.failures
+    for name, body in foreign.items():
+        assert (dest / name).read_bytes() == body
+        renamed = name.replace("9.bin", "9.1.bin")
+        assert (dest / renamed).read_bytes() == name.encode()
+    for i in range(10):
+        assert (dest / f"b/new/f{i}.bin").read_bytes() == f"b/new/f{i}.bin".encode()
+    assert not list((dest / "b").rglob("*.1.bin"))
+
+
+@pytest.mark.parametrize("sub", ["", "d/"])
+@pytest.mark.parametrize("opts", [{"threads": 1}, {"threads": 1, "rate": 1000.0}],
+                         ids=["loop", "pool"])
+def test_a_file_named_like_a_directory_the_run_made_is_renamed(
+        server: TestServer, dest: Path, sub: str, opts: dict[str, Any]) -> None:
+    """``x`` makes the directory the run's; ``a/b`` then needs directory ``a``, a name
+    the name table never claimed: ``a`` goes to ``a.1`` (--on-exists rename). (One
+    connection: with more, ``a`` may be planned before ``a/b`` is published, and then
+    whichever is published second fails, as it always has.)"""
+    report = fetch(_jobs(server, ["x", "a/b", "a"], sub), dest, **opts)
+    assert report.ok, report.failures
+    assert (dest / f"{sub}a/b").read_bytes() == f"{sub}a/b".encode()
+    assert (dest / f"{sub}a.1").read_bytes() == f"{sub}a".encode()
+
+
+def beside(path: Path, dest: Path) -> Path:
+    """A --post function that writes its output next to its input."""
+    out = Path(path).with_name(Path(path).name + ".sig")
+    out.write_bytes(b"signature of " + Path(path).read_bytes())
+    return out
+
+
+def test_a_post_functions_output_is_not_replaced(server: TestServer, dest: Path) -> None:
+    """A --post function (``package.module:function``) may write anywhere in DEST: a
+    later item named like its output is renamed, not written over it."""
+    first = Job(server.add("/f.txt", b"body"), path="f.txt")
+    second = Job(server.add("/other", b"downloaded"), path="f.txt.sig")
+
+    def jobs() -> Iterator[Job]:  # the second is planned once the first's output exists
+        yield first
+        deadline = time.monotonic() + 20
+        while not (dest / "f.txt.sig").exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        yield second
+
+    report = fetch(jobs(), dest, threads=1, post=[f"{__name__}:beside"])
+    assert report.ok, report.failures
+    assert (dest / "f.txt.sig").read_bytes() == b"signature of body"
+    assert (dest / "f.txt.1.sig").read_bytes() == b"downloaded"
+
+
+def test_names_equal_but_for_case_on_a_case_insensitive_disk(server: TestServer) -> None:
+    """``A.bin`` and ``a.bin`` are two names to the name table but one file on a file
+    system that does not tell case apart (macOS, Windows; exFAT on Linux). Needs such a
+    directory: FETCHER_CASELESS_DIR (e.g. an exFAT image mounted with exfat-fuse)."""
+    root = os.environ.get("FETCHER_CASELESS_DIR")
+    if not root:
+        pytest.skip("set FETCHER_CASELESS_DIR to a directory on a case-insensitive disk")
+    dest = Path(root) / f"out-{uuid.uuid4().hex[:8]}"
+    dest.mkdir()
+    report = fetch(_jobs(server, ["x.bin", "A.bin", "a.bin", "n/B.bin", "n/b.bin"]), dest,
+                   threads=1)
+    assert report.ok, report.failures
+    for r in report.results:
+        assert (dest / r.path).read_bytes() == r.url.split("/", 3)[3].encode()
