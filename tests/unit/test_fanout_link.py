@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from fetcher.errors import DownloadProcessError
-from fetcher.fanout._link import LENGTH, PICKLED, Inbox, frame
+from fetcher.fanout._link import PICKLED, Inbox, frame
 from fetcher.models import Result
 
 
@@ -15,7 +15,7 @@ class Tag(str):
 
 
 def _flagged(data: bytes) -> bool:
-    return bool(LENGTH.unpack_from(data)[0] & PICKLED)
+    return bool(int.from_bytes(data[:4], "big") & PICKLED)
 
 
 def test_plain_and_object_messages_round_trip_in_any_pieces() -> None:
