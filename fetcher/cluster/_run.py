@@ -90,7 +90,7 @@ class _ClusterRun(_Run):
     def _item(self, job: Job, rel: str) -> tuple[_Item, Any] | None:
         """Apply --on-exists here, so every attempt of a batch writes the same name."""
         shown = redact(job.url)
-        owned = self.index.size(shown, rel) is not None
+        owned = bool(len(self.index)) and self.index.size(shown, rel) is not None
         try:
             rel = self._resolve_existing(rel, owned=owned)
         except SkipExisting:
@@ -101,7 +101,7 @@ class _ClusterRun(_Run):
             self._finish(Result(url=shown, path=rel, status="failed", extra=job.extra)
                          .fail(exc))
             return None
-        resume = partial_name(job.url, rel) in self.ctx.partials
+        resume = bool(self.ctx.partials) and partial_name(job.url, rel) in self.ctx.partials
         return (job.url, rel, job.sha256, resume, None), job.extra
 
     def _next_batch(self, jobs: Iterator[Job], size: int, number: int) -> _Batch | None:
