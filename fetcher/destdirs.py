@@ -62,18 +62,19 @@ class DestDirs:
     def exists(self, rel: str) -> bool:
         """Whether something is at ``rel`` (``target`` without building a Path).
 
-        With ``trust_fresh``, a file name in a directory that is this run's (``_classify``)
-        needs no lstat: every entry there is then one of the run's files, whose names
-        its name table keeps apart, or one of the directories its items need, which are
-        known (and looked up). Anywhere else one lstat a file, since an earlier run's or
-        someone else's files are there.
+        With ``trust_fresh``, an ASCII file name in a directory that is this run's
+        (``_classify``) needs no lstat: every entry there is then one of the run's files,
+        whose names its name table keeps apart, or one of the directories its items need,
+        which are known (``planned``) and looked up. Anywhere else one lstat a file, since
+        an earlier run's or someone else's files are there; so for other names, which a
+        file system may fold together by Unicode normalisation.
         """
         parent = rel.rpartition("/")[0]
         if self.trust_fresh:
             fresh = self._fresh.get(parent)
             if fresh is None:
                 fresh = self._classify(parent)
-            if fresh and rel not in self._fresh and rel not in self._dirs:
+            if fresh and rel.isascii() and rel not in self._fresh and rel not in self._dirs:
                 return False
         if parent and parent not in self._dirs:
             # The first directory below the deepest checked one: when it is missing,
@@ -100,6 +101,15 @@ class DestDirs:
         if stat.S_ISLNK(mode):
             safe_join(self.dest, rel)  # raises UnsafePathError
         return True
+
+    def planned(self, rel: str) -> None:
+        """``rel`` will be published without ``exists`` asked (an item the manifest says
+        its URL owns): its directories are noted all the same, so that a later file
+        named like one of them is looked up."""
+        if self.trust_fresh:
+            parent = rel.rpartition("/")[0]
+            if parent not in self._fresh:
+                self._classify(parent)
 
     def _classify(self, parent: str) -> bool:
         """Whether directory ``parent`` (``""``: DEST) is this run's, decided when the

@@ -519,7 +519,10 @@ class _Run:
 
     def _resolve_existing(self, rel: str, *, owned: bool) -> str:
         """Apply --on-exists to a file already at ``rel`` that this URL does not own."""
-        if owned or not self.ctx.exists(rel):
+        if owned:
+            self.ctx.planned(rel)
+            return rel
+        if not self.ctx.exists(rel):
             return rel
         policy = self.cfg.on_exists
         if policy == "skip":
@@ -545,6 +548,12 @@ class _Run:
                 candidate = f"{parent}/{name}" if parent else name
                 if candidate != rel:
                     claimed = self.names.claim(url, candidate)
+                    if claimed is None and not self.names.owns(url, candidate):
+                        # This URL was given a variant of candidate before: candidate
+                        # is another URL's, whether or not it is on disk yet.
+                        claimed = self.names.reserve_free(
+                            candidate, exists=lambda p: os.path.lexists(self.dest / p),
+                            url=url)
                     new = self._resolve_existing(claimed or candidate, owned=False)
             chosen.append(new)
             return new

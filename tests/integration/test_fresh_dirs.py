@@ -66,6 +66,54 @@ def test_a_file_named_like_a_directory_the_run_made_is_renamed(
     assert (dest / f"{sub}a.1").read_bytes() == f"{sub}a".encode()
 
 
+@pytest.mark.parametrize("opts", [{"threads": 1}, {"threads": 1, "rate": 1000.0}],
+                         ids=["loop", "pool"])
+def test_a_server_name_another_url_holds_is_not_written_over(server: TestServer, dest: Path,
+                                                       opts: dict[str, Any]) -> None:
+    """``U`` asked for ``x.bin`` once (an explicit path, held by ``V``: it got
+    ``x.1.bin``); listed again without a path, the server names it ``x.bin`` too. The
+    name table answers "a duplicate of U's request", but ``x.bin`` is V's: U gets a
+    free variant, not V's name (review: before, only the lstat stood in the way)."""
+    v = server.add("/other", b"V's file")
+    u = server.add("/get", b"U's body",
+                   headers={"Content-Disposition": 'attachment; filename="x.bin"'})
+    report = fetch([Job(v, path="x.bin"), Job(u, path="x.bin"), Job(u)], dest,
+                   content_disposition=True, **opts)
+    assert report.ok, report.failures
+    assert (dest / "x.bin").read_bytes() == b"V's file"
+    assert sorted(p.name for p in dest.iterdir()) == [".fetcher", "x.1.bin", "x.2.bin",
+                                                      "x.bin"]
+
+
+def test_a_file_named_like_the_directory_of_an_owned_item_in_a_worker(
+        server: TestServer, tmp_path: Path) -> None:
+    """The manifest (shared with a run into another DEST) says ``U`` owns ``a/b``: the
+    parent plans it without asking ``exists``, and a fan-out worker makes ``a``, which
+    the parent never sees. ``a`` (another URL) must still be looked up and renamed
+    ``a.1`` (review: it was planned with no lstat and failed on the directory)."""
+    manifest = tmp_path / "m.jsonl"
+    u = server.add("/ab", b"U's a/b")
+    first = tmp_path / "first"
+    assert fetch([Job(u, path="a/b")], first, manifest=manifest).ok
+    dest = tmp_path / "second"
+    slow = server.add("/slow", b"s" * 4000, slow_bps=2000)  # keeps the parent's connection
+    v = server.add("/a", b"V's a")
+
+    def jobs() -> Iterator[Job]:
+        yield Job(slow, path="slow")
+        yield Job(u, path="a/b")
+        deadline = time.monotonic() + 10
+        while not (dest / "a" / "b").exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        yield Job(v, path="a")
+
+    report = fetch(jobs(), dest, manifest=manifest, threads=2, download_processes=2)
+    assert report.processes == 2
+    assert report.ok, report.failures
+    assert (dest / "a" / "b").read_bytes() == b"U's a/b"
+    assert (dest / "a.1").read_bytes() == b"V's a"
+
+
 def beside(path: Path, dest: Path) -> Path:
     """A --post function that writes its output next to its input."""
     out = Path(path).with_name(Path(path).name + ".sig")
