@@ -175,12 +175,13 @@ class DestDirs:
             self._checked(parent)
 
     def forget(self, rel: str) -> None:
-        """Check the directories above ``rel`` again (one was removed or replaced)."""
+        """Check the directories above ``rel`` again (one was removed or replaced). What
+        ``_classify`` decided stays: those above it are still there, and their names
+        are still the run's directories, which ``exists`` must keep looking up."""
         parent = rel.rpartition("/")[0]
         with self._dirs_lock:
             while parent:
                 self._dirs.discard(parent)
-                self._fresh.pop(parent, None)
                 parent = parent.rpartition("/")[0]
 
     def _recheck(self, rel: str) -> bool:

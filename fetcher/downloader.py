@@ -517,12 +517,13 @@ class _Run:
         return download_one(self.ctx, self._client(), job.url, rel, job.sha256, retarget,
                             first=first)
 
-    def _resolve_existing(self, rel: str, *, owned: bool) -> str:
-        """Apply --on-exists to a file already at ``rel`` that this URL does not own."""
+    def _resolve_existing(self, rel: str, *, owned: bool, taken: bool = False) -> str:
+        """Apply --on-exists to a file already at ``rel`` that this URL does not own
+        (``taken``: the run holds ``rel`` for another of its items already)."""
         if owned:
             self.ctx.planned(rel)
             return rel
-        if not self.ctx.exists(rel):
+        if not taken and not self.ctx.exists(rel):
             return rel
         policy = self.cfg.on_exists
         if policy == "skip":
@@ -548,13 +549,11 @@ class _Run:
                 candidate = f"{parent}/{name}" if parent else name
                 if candidate != rel:
                     claimed = self.names.claim(url, candidate)
-                    if claimed is None and not self.names.owns(url, candidate):
-                        # This URL was given a variant of candidate before: candidate
-                        # is another URL's, whether or not it is on disk yet.
-                        claimed = self.names.reserve_free(
-                            candidate, exists=lambda p: os.path.lexists(self.dest / p),
-                            url=url)
-                    new = self._resolve_existing(claimed or candidate, owned=False)
+                    # None: another item of the run holds candidate (this URL's, listed
+                    # with that path, or another URL's this one got a variant of), on
+                    # disk or still on its way: --on-exists as for a file there.
+                    new = self._resolve_existing(claimed or candidate, owned=False,
+                                                 taken=claimed is None)
             chosen.append(new)
             return new
 

@@ -443,11 +443,6 @@ class NameAllocator:
                     return candidate
                 n += 1
 
-    def owns(self, url: str, path: str) -> bool:
-        """Whether ``path`` was claimed for ``url``."""
-        with self._lock:
-            return self._table.get(_digest("P" + path)) == _digest("U" + url)
-
     def is_claimed(self, path: str) -> bool:
         """True when some URL (or reserve_free) has taken ``path``."""
         key = _digest("P" + path)

@@ -6,7 +6,9 @@ function's output beside its input, and names equal but for case."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import time
 import uuid
 from collections.abc import Iterator
@@ -22,6 +24,18 @@ from tests.httpserver import TestServer
 def _jobs(server: TestServer, names: list[str], sub: str = "") -> list[Job]:
     return [Job(server.add(f"/{sub}{n}", f"{sub}{n}".encode()), path=f"{sub}{n}")
             for n in names]
+
+
+def _wait(cond: Any, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond() and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+def _journaled(dest: Path, url: str) -> bool:
+    path = dest / ".fetcher" / "manifest.jsonl"
+    return path.exists() and any(json.loads(line).get("url") == url
+                                 for line in path.read_text().splitlines() if line.strip())
 
 
 @pytest.mark.parametrize("processes", [1, 2])
@@ -112,6 +126,57 @@ def test_a_file_named_like_the_directory_of_an_owned_item_in_a_worker(
     assert report.ok, report.failures
     assert (dest / "a" / "b").read_bytes() == b"U's a/b"
     assert (dest / "a.1").read_bytes() == b"V's a"
+
+
+@pytest.mark.parametrize("opts", [{"threads": 1}, {"threads": 1, "rate": 1000.0}],
+                         ids=["loop", "pool"])
+def test_directories_above_a_replaced_one_are_still_known(
+        server: TestServer, dest: Path, opts: dict[str, Any]) -> None:
+    """The run makes ``a/b/c``; something replaces it with a file, so the next item
+    there fails (as it always did) and its directories are checked again. ``a/b`` is
+    still the run's directory: a file ``a/b`` is renamed ``a/b.1``, not published onto
+    it (review: forgetting them also forgot that they were the run's directories)."""
+    first, second = server.add("/f1", b"f1"), server.add("/f2", b"f2")
+    third = server.add("/ab", b"file a/b")
+
+    def jobs() -> Iterator[Job]:
+        yield Job(first, path="a/b/c/f1")
+        _wait(lambda: (dest / "a/b/c/f1").exists())
+        shutil.rmtree(dest / "a/b/c")
+        (dest / "a/b/c").write_bytes(b"not a directory")
+        yield Job(second, path="a/b/c/f2")
+        _wait(lambda: _journaled(dest, second))
+        yield Job(third, path="a/b")
+
+    report = fetch(jobs(), dest, retries=0, **opts)
+    by_url = {r.url: r for r in report.results}
+    assert by_url[second].status == "failed"
+    assert by_url[third].status == "ok", by_url[third].error
+    assert (dest / "a/b.1").read_bytes() == b"file a/b"
+
+
+@pytest.mark.parametrize("policy", ["rename", "skip"])
+@pytest.mark.parametrize("opts", [{"threads": 1}, {"threads": 1, "rate": 1000.0}],
+                         ids=["loop", "pool"])
+def test_a_server_name_the_same_url_holds_does_not_replace_its_file(
+        server: TestServer, dest: Path, opts: dict[str, Any], policy: str) -> None:
+    """``U`` listed with the path ``x.bin``, then again without one; the server names it
+    ``x.bin`` (Content-Disposition) and has changed meanwhile. ``x.bin`` is the first
+    item's file, journaled with its digest: the second is renamed or skipped as
+    --on-exists says (review: it was published over the first)."""
+    u = server.add("/get", b"version 1", swap_after=1, swap_to=(b"version 2", '"v2"'),
+                   headers={"Content-Disposition": 'attachment; filename="x.bin"'})
+
+    def jobs() -> Iterator[Job]:
+        yield Job(u, path="x.bin")
+        _wait(lambda: _journaled(dest, u))
+        yield Job(u)
+
+    report = fetch(jobs(), dest, content_disposition=True, on_exists=policy, **opts)
+    assert report.ok, report.failures
+    assert (dest / "x.bin").read_bytes() == b"version 1"
+    if policy == "rename":
+        assert (dest / "x.1.bin").read_bytes() == b"version 2"
 
 
 def beside(path: Path, dest: Path) -> Path:
