@@ -59,7 +59,7 @@ class DestDirs:
             return safe_join(self.dest, rel), True  # raises UnsafePathError
         return path, True
 
-    def exists(self, rel: str) -> bool:
+    def exists(self, rel: str, *, look: bool = False) -> bool:
         """Whether something is at ``rel`` (``target`` without building a Path).
 
         With ``trust_fresh``, an ASCII file name in a directory that is this run's
@@ -67,10 +67,10 @@ class DestDirs:
         whose names its name table keeps apart, or one of the directories its items need,
         which are known (``planned``) and looked up. Anywhere else one lstat a file, since
         an earlier run's or someone else's files are there; so for other names, which a
-        file system may fold together by Unicode normalisation.
+        file system may fold together by Unicode normalisation; and with ``look``.
         """
         parent = rel.rpartition("/")[0]
-        if self.trust_fresh:
+        if self.trust_fresh and not look:
             fresh = self._fresh.get(parent)
             if fresh is None:
                 fresh = self._classify(parent)

@@ -519,11 +519,12 @@ class _Run:
 
     def _resolve_existing(self, rel: str, *, owned: bool, taken: bool = False) -> str:
         """Apply --on-exists to a file already at ``rel`` that this URL does not own
-        (``taken``: the run holds ``rel`` for another of its items already)."""
+        (``taken``: the name table holds ``rel`` for another item, which may have put a
+        file there even in a directory of the run's own: looked up on disk)."""
         if owned:
             self.ctx.planned(rel)
             return rel
-        if not taken and not self.ctx.exists(rel):
+        if not self.ctx.exists(rel, look=taken):
             return rel
         policy = self.cfg.on_exists
         if policy == "skip":
@@ -550,8 +551,8 @@ class _Run:
                 if candidate != rel:
                     claimed = self.names.claim(url, candidate)
                     # None: another item of the run holds candidate (this URL's, listed
-                    # with that path, or another URL's this one got a variant of), on
-                    # disk or still on its way: --on-exists as for a file there.
+                    # with that path, or another URL's this one got a variant of): what
+                    # it put there, if anything, is looked up as d375229 always did.
                     new = self._resolve_existing(claimed or candidate, owned=False,
                                                  taken=claimed is None)
             chosen.append(new)
