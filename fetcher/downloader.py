@@ -517,14 +517,13 @@ class _Run:
         return download_one(self.ctx, self._client(), job.url, rel, job.sha256, retarget,
                             first=first)
 
-    def _resolve_existing(self, rel: str, *, owned: bool, taken: bool = False) -> str:
+    def _resolve_existing(self, rel: str, *, owned: bool, look: bool = False) -> str:
         """Apply --on-exists to a file already at ``rel`` that this URL does not own
-        (``taken``: the name table holds ``rel`` for another item, which may have put a
-        file there even in a directory of the run's own: looked up on disk)."""
+        (``look``: on disk even in a directory of the run's own, see ``DestDirs.exists``)."""
         if owned:
             self.ctx.planned(rel)
             return rel
-        if not self.ctx.exists(rel, look=taken):
+        if not self.ctx.exists(rel, look=look):
             return rel
         policy = self.cfg.on_exists
         if policy == "skip":
@@ -554,7 +553,7 @@ class _Run:
                     # with that path, or another URL's this one got a variant of): what
                     # it put there, if anything, is looked up as d375229 always did.
                     new = self._resolve_existing(claimed or candidate, owned=False,
-                                                 taken=claimed is None)
+                                                 look=claimed is None)
             chosen.append(new)
             return new
 
